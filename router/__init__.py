@@ -1,0 +1,1 @@
+"""The front router: reads request heads and hands sockets to workers."""

@@ -1,0 +1,5 @@
+import sys
+
+from shardchat.cli import main
+
+sys.exit(main())

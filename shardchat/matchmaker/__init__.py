@@ -1,0 +1,1 @@
+"""The matchmaker: the queue of waiting students and the claims of teachers."""

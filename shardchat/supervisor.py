@@ -1,0 +1,258 @@
+"""The supervisor: the ``shardchat serve`` process.
+
+Shaped like a classic arbiter. It opens the listening socket and the Unix
+socket pairs that connect the children, spawns the matchmaker, the workers
+and the router as fresh interpreters (a trio process is never forked), and
+then only waits: signal handlers record the signal, the main loop reaps
+children and stops everything in order. A child that dies unexpectedly is
+logged and the whole server stops with ``EXIT_CHILD_DIED``, so a service
+manager restarts it cleanly; no child is left behind, because each child
+also receives SIGTERM if the supervisor itself dies.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+log = logging.getLogger("shardchat.supervisor")
+
+EXIT_OK = 0
+EXIT_CHILD_DIED = 3
+STOP_TIMEOUT_S = 10.0
+POLL_INTERVAL_S = 0.2
+LISTEN_BACKLOG = 4096
+
+
+@dataclass
+class Child:
+    """One child process."""
+
+    name: str
+    argv: list[str]
+    pass_fds: tuple[int, ...]
+    process: subprocess.Popen | None = None
+    exit_status: int | None = None
+
+
+@dataclass
+class Options:
+    """What ``shardchat serve`` was asked to run."""
+
+    workers: int
+    host: str
+    port: int
+    data_dir: Path
+    secret_file: Path
+    ws_engine: str = "wsproto"
+    socket_path: str = "/socket"
+    log_level: str = "info"
+    idle_timeout: float = 60.0
+
+
+@dataclass
+class Supervisor:
+    options: Options
+    children: list[Child] = field(default_factory=list)
+    signal_received: int | None = None
+    port: int = 0
+
+    # Setup.
+
+    def listen(self) -> socket.socket:
+        family = socket.AF_INET6 if ":" in self.options.host else socket.AF_INET
+        listener = socket.socket(family, socket.SOCK_STREAM)
+        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        listener.bind((self.options.host, self.options.port))
+        listener.listen(LISTEN_BACKLOG)
+        self.port = listener.getsockname()[1]
+        return listener
+
+    def spawn_all(self, listener: socket.socket) -> None:
+        """Create the socket pairs and start matchmaker, workers and router."""
+        options = self.options
+        slots = options.workers
+        handoff_pairs = [
+            socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+            for _ in range(slots)
+        ]
+        matchmaker_pairs = [socket.socketpair() for _ in range(slots)]
+        router_pair = socket.socketpair()
+        common = [
+            "--secret-file",
+            str(options.secret_file),
+            "--parent-pid",
+            str(os.getpid()),
+            "--log-level",
+            options.log_level,
+        ]
+        matchmaker = self.spawn(
+            "matchmaker",
+            [
+                "-m",
+                "shardchat.matchmaker",
+                "--worker-fds",
+                ",".join(str(pair[1].fileno()) for pair in matchmaker_pairs),
+                "--router-fd",
+                str(router_pair[1].fileno()),
+                *common,
+            ],
+            [pair[1].fileno() for pair in matchmaker_pairs] + [router_pair[1].fileno()],
+        )
+        workers = []
+        for slot in range(slots):
+            handoff, link = handoff_pairs[slot][1], matchmaker_pairs[slot][0]
+            workers.append(
+                self.spawn(
+                    f"worker {slot}",
+                    [
+                        "-m",
+                        "shardchat.worker",
+                        "--slot",
+                        str(slot),
+                        "--slots",
+                        str(slots),
+                        "--handoff-fd",
+                        str(handoff.fileno()),
+                        "--matchmaker-fd",
+                        str(link.fileno()),
+                        "--data-dir",
+                        str(options.data_dir),
+                        "--ws-engine",
+                        options.ws_engine,
+                        "--idle-timeout",
+                        str(options.idle_timeout),
+                        *common,
+                    ],
+                    [handoff.fileno(), link.fileno()],
+                )
+            )
+        self.spawn(
+            "router",
+            [
+                "-m",
+                "router",
+                "--listen-fd",
+                str(listener.fileno()),
+                "--handoff-fds",
+                ",".join(str(pair[0].fileno()) for pair in handoff_pairs),
+                "--matchmaker-fd",
+                str(router_pair[0].fileno()),
+                "--matchmaker-pid",
+                str(matchmaker.process.pid),
+                "--worker-pids",
+                ",".join(str(child.process.pid) for child in workers),
+                "--data-dir",
+                str(options.data_dir),
+                "--socket-path",
+                options.socket_path,
+                *common,
+            ],
+            [listener.fileno(), router_pair[0].fileno()]
+            + [pair[0].fileno() for pair in handoff_pairs],
+        )
+        # The children own their ends now.
+        for pair in [*handoff_pairs, *matchmaker_pairs, router_pair]:
+            for end in pair:
+                end.close()
+        listener.close()
+
+    def spawn(self, name: str, arguments: list[str], pass_fds: list[int]) -> Child:
+        child = Child(name, [sys.executable, *arguments], tuple(pass_fds))
+        child.process = subprocess.Popen(child.argv, pass_fds=child.pass_fds)
+        self.children.append(child)
+        log.info("[%d] started %s as pid %d", os.getpid(), name, child.process.pid)
+        return child
+
+    # Running.
+
+    def record_signal(self, signum: int, _frame: object) -> None:
+        self.signal_received = signum
+
+    def run(self) -> int:
+        """Wait for a signal or a child's death, then stop all children in order."""
+        signal.signal(signal.SIGTERM, self.record_signal)
+        signal.signal(signal.SIGINT, self.record_signal)
+        exit_code = EXIT_OK
+        while self.signal_received is None:
+            died = self.reap()
+            if died:
+                for child in died:
+                    log.error(
+                        "[%d] %s (pid %d) exited with status %s; stopping the server",
+                        os.getpid(),
+                        child.name,
+                        child.process.pid,
+                        child.exit_status,
+                    )
+                exit_code = EXIT_CHILD_DIED
+                break
+            time.sleep(POLL_INTERVAL_S)
+        if self.signal_received is not None:
+            log.info(
+                "[%d] received signal %d; stopping", os.getpid(), self.signal_received
+            )
+        self.stop_all()
+        return exit_code
+
+    def reap(self) -> list[Child]:
+        died = []
+        for child in self.children:
+            if child.exit_status is None and child.process.poll() is not None:
+                child.exit_status = child.process.returncode
+                died.append(child)
+        return died
+
+    def stop_all(self) -> None:
+        """Stop the router first (no new connections), then workers, then the matchmaker."""
+        order = sorted(
+            self.children, key=lambda child: _STOP_ORDER[child.name.split()[0]]
+        )
+        for group in ("router", "worker", "matchmaker"):
+            members = [child for child in order if child.name.split()[0] == group]
+            for child in members:
+                if child.process.poll() is None:
+                    child.process.send_signal(signal.SIGTERM)
+            for child in members:
+                self.wait(child)
+
+    def wait(self, child: Child) -> None:
+        try:
+            status = child.process.wait(STOP_TIMEOUT_S)
+        except subprocess.TimeoutExpired:
+            log.error(
+                "[%d] %s (pid %d) did not stop in %.0f s; killing it",
+                os.getpid(),
+                child.name,
+                child.process.pid,
+                STOP_TIMEOUT_S,
+            )
+            child.process.kill()
+            status = child.process.wait()
+        log.info(
+            "[%d] %s (pid %d) exited with status %d",
+            os.getpid(),
+            child.name,
+            child.process.pid,
+            status,
+        )
+
+
+_STOP_ORDER = {"router": 0, "worker": 1, "matchmaker": 2}
+
+
+def serve(options: Options) -> int:
+    """Run ``shardchat serve``: listen, spawn, print the address, supervise."""
+    supervisor = Supervisor(options)
+    listener = supervisor.listen()
+    host = options.host if ":" not in options.host else f"[{options.host}]"
+    supervisor.spawn_all(listener)
+    print(f"shardchat listening on http://{host}:{supervisor.port}", flush=True)
+    return supervisor.run()

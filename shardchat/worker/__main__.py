@@ -1,0 +1,44 @@
+"""Entry point of a worker process, started by the supervisor."""
+
+import argparse
+import socket
+from pathlib import Path
+
+import trio
+
+from shardchat import process, tokens
+from shardchat.worker import server
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(prog="shardchat.worker")
+    parser.add_argument("--slot", type=int, required=True)
+    parser.add_argument("--slots", type=int, required=True)
+    parser.add_argument("--handoff-fd", type=int, required=True)
+    parser.add_argument("--matchmaker-fd", type=int, required=True)
+    parser.add_argument("--secret-file", type=Path, required=True)
+    parser.add_argument("--data-dir", type=Path, required=True)
+    parser.add_argument("--ws-engine", default="wsproto")
+    parser.add_argument("--idle-timeout", type=float, default=server.IDLE_TIMEOUT_S)
+    parser.add_argument("--parent-pid", type=int, required=True)
+    parser.add_argument("--log-level", default="info")
+    args = parser.parse_args()
+    process.prepare_child(args.parent_pid)
+    process.setup_logging(args.log_level)
+    handoff = socket.socket(fileno=args.handoff_fd)
+    matchmaker = socket.socket(fileno=args.matchmaker_fd)
+    trio.run(
+        server.run,
+        args.slot,
+        args.slots,
+        handoff,
+        matchmaker,
+        tokens.load_secret(args.secret_file),
+        args.data_dir,
+        args.ws_engine,
+        args.idle_timeout,
+    )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,306 @@
+"""One client connection on a worker: the Phoenix Channels protocol over a websocket.
+
+The connection's task reads frames, applies the channel rules from
+``shardchat.phoenix`` and dispatches events to presence and chat handling.
+Writes go straight to the websocket engine's non-blocking ``send``, so a relay
+costs no task switch.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import TYPE_CHECKING, Any
+
+import trio
+
+from shardchat import phoenix, tokens
+from shardchat.close_codes import CloseCode
+from shardchat.exceptions import ConnectionClosed, ProtocolError, TokenError
+from shardchat.phoenix import Action, Message
+from shardchat.worker.chat import RELAYS, STUDENT, TEACHER, Chat, ChatState, Member
+
+if TYPE_CHECKING:
+    from shardchat.websocket import Connection
+    from shardchat.worker.server import Worker
+
+log = logging.getLogger("shardchat.worker.connection")
+
+TEACHERS_TOPIC = "presence:teachers"
+STUDENT_TOPIC_PREFIX = "presence:student:"
+CHAT_TOPIC_PREFIX = "chats:"
+
+# Events a participant may push on a chat topic besides the relayed ones.
+ACKNOWLEDGED_EVENTS = ("teacher:joined", "student:joined")
+
+
+class ClientConnection:
+    """The Phoenix side of one websocket connection."""
+
+    def __init__(
+        self,
+        worker: Worker,
+        websocket: Connection,
+        identity: tokens.Identity,
+        codec: phoenix.Codec,
+        connection_id: int,
+    ) -> None:
+        self.worker = worker
+        self.websocket = websocket
+        self.identity = identity
+        self.codec = codec
+        self.id = connection_id
+        self.channels = phoenix.ChannelTable()
+        # Chat channels joined on this connection: topic -> (chat, role).
+        self.chat_channels: dict[str, tuple[Chat, str]] = {}
+        self.presence_topics: set[str] = set()
+        self.last_seen = trio.current_time()
+        self.frames_received = 0
+        self.frames_sent = 0
+
+    # Output.
+
+    def send_message(self, message: Message) -> None:
+        try:
+            self.websocket.send(self.codec.encode(message))
+        except ConnectionClosed:
+            return
+        self.frames_sent += 1
+
+    def push(self, join_ref: str | None, topic: str, event: str, payload: Any) -> None:
+        self.send_message(Message(join_ref, None, topic, event, payload))
+
+    def reply_ok(self, request: Message, response: dict | None = None) -> None:
+        self.send_message(phoenix.reply(request, "ok", response))
+
+    def reply_error(self, request: Message, reason: str) -> None:
+        self.send_message(phoenix.error_reply(request, reason))
+
+    # Input.
+
+    async def run(self) -> None:
+        """Read and handle frames until the connection closes."""
+        websocket = self.websocket
+        decode = self.codec.decode
+        try:
+            while True:
+                data = await websocket.receive()
+                self.last_seen = trio.current_time()
+                self.frames_received += 1
+                if type(data) is not str:
+                    await websocket.close(
+                        CloseCode.UNSUPPORTED_DATA, "binary frames are not supported"
+                    )
+                    return
+                try:
+                    message = decode(data)
+                except ProtocolError as exc:
+                    log.info("connection %d: %s; closing", self.id, exc)
+                    await websocket.close(CloseCode.PROTOCOL_ERROR, "invalid frame")
+                    return
+                self.handle(message)
+        except ConnectionClosed:
+            pass
+        finally:
+            self.release_all()
+
+    def handle(self, message: Message) -> None:
+        """Apply the channel rules to one frame."""
+        # The relay is the hot path: check it before the general rules.
+        entry = self.chat_channels.get(message.topic)
+        if entry is not None and message.event in _RELAY_EVENTS:
+            if message.join_ref is None or message.join_ref == (
+                self.channels.joined.get(message.topic)
+            ):
+                self.handle_chat_event(entry[0], entry[1], message)
+                return
+        action = self.channels.classify(message)
+        if action is Action.EVENT:
+            self.dispatch(message)
+        elif action is Action.HEARTBEAT:
+            self.reply_ok(message)
+        elif action is Action.JOIN:
+            self.join(message)
+        elif action is Action.LEAVE:
+            self.release(message.topic, reason_suffix="left")
+            self.reply_ok(message)
+            self.send_message(phoenix.close(message.topic, message.join_ref))
+        elif action is Action.LEAVE_UNJOINED:
+            self.reply_ok(message)
+        elif action is Action.UNMATCHED:
+            self.reply_error(message, "unmatched topic")
+        elif action is Action.TOO_MANY:
+            self.reply_error(message, "too many channels joined")
+        # Action.STALE: Phoenix ignores frames of an earlier channel.
+
+    # Joins.
+
+    def join(self, message: Message) -> None:
+        topic = message.topic
+        previous = self.channels.previous_join_ref(topic)
+        if previous is not phoenix.UNJOINED:
+            # A second join closes the first channel (Phoenix behaviour).
+            self.release(topic, reason_suffix="left")
+            self.send_message(phoenix.close(topic, previous))
+        if topic == TEACHERS_TOPIC:
+            self.join_teachers(message)
+        elif topic.startswith(STUDENT_TOPIC_PREFIX):
+            self.join_student(message)
+        elif topic.startswith(CHAT_TOPIC_PREFIX):
+            self.join_chat(message)
+        else:
+            self.reply_error(message, "unmatched topic")
+
+    def join_teachers(self, message: Message) -> None:
+        identity = self.identity
+        if identity.role != TEACHER or identity.chat_id is not None:
+            self.reply_error(message, "unauthorized")
+            return
+        self.accept_presence(message)
+
+    def join_student(self, message: Message) -> None:
+        identity = self.identity
+        student_id = message.topic[len(STUDENT_TOPIC_PREFIX) :]
+        if (
+            identity.role != STUDENT
+            or identity.chat_id is not None
+            or student_id != identity.user_id
+        ):
+            self.reply_error(message, "unauthorized")
+            return
+        self.accept_presence(message)
+
+    def accept_presence(self, message: Message) -> None:
+        self.channels.accept_join(message.topic, message.join_ref)
+        self.presence_topics.add(message.topic)
+        self.worker.presence_joined(self, message.topic, message.join_ref)
+        self.reply_ok(message)
+
+    def join_chat(self, message: Message) -> None:
+        chat_id = message.topic[len(CHAT_TOPIC_PREFIX) :]
+        identity = self.chat_identity(chat_id, message.payload)
+        if identity is None:
+            self.reply_error(message, "unauthorized")
+            return
+        worker = self.worker
+        if not worker.owns_chat(chat_id):
+            self.reply_error(message, "chat is owned by another worker")
+            return
+        if worker.chat_ended(chat_id):
+            self.reply_error(message, "chat ended")
+            return
+        chat = worker.get_or_create_chat(
+            chat_id, identity.teacher_id or "", identity.student_id or ""
+        )
+        role = chat.role_of(identity.user_id)
+        if role is None or role != identity.role:
+            self.reply_error(message, "unauthorized")
+            return
+        self.channels.accept_join(message.topic, message.join_ref)
+        self.chat_channels[message.topic] = (chat, role)
+        self.reply_ok(message)
+        chat.join(role, Member(self, message.join_ref, message.topic))
+
+    def chat_identity(self, chat_id: str, payload: Any) -> tokens.Identity | None:
+        """Return the chat identity for ``chat_id``, from the connection or the join payload."""
+        identity = self.identity
+        if identity.chat_id == chat_id:
+            return identity
+        token = payload.get("token") if isinstance(payload, dict) else None
+        if not isinstance(token, str):
+            return None
+        try:
+            identity = tokens.verify(self.worker.secret, token)
+        except TokenError as exc:
+            log.info("connection %d: chat join with a bad token: %s", self.id, exc)
+            return None
+        if identity.chat_id != chat_id or identity.user_id != self.identity.user_id:
+            return None
+        return identity
+
+    # Events on joined channels.
+
+    def dispatch(self, message: Message) -> None:
+        topic = message.topic
+        entry = self.chat_channels.get(topic)
+        if entry is not None:
+            self.handle_chat_event(entry[0], entry[1], message)
+        elif topic == TEACHERS_TOPIC:
+            self.handle_teacher_event(message)
+        elif topic.startswith(STUDENT_TOPIC_PREFIX):
+            self.handle_student_event(message)
+        else:
+            self.reply_error(message, "unknown event")
+
+    def handle_chat_event(self, chat: Chat, role: str, message: Message) -> None:
+        event = message.event
+        if event == RELAYS[role][0]:
+            payload = message.payload
+            text = payload.get("message") if type(payload) is dict else None
+            if type(text) is not str:
+                self.reply_error(message, "invalid message: expected a string")
+            elif chat.state is not ChatState.READY:
+                self.reply_error(message, f"chat not ready: {chat.state.value}")
+            else:
+                chat.relay(role, text)
+        elif event == "chat:terminate":
+            if role != TEACHER:
+                self.reply_error(message, "unauthorized")
+            elif chat.state is ChatState.ENDED:
+                self.reply_error(message, "chat ended")
+            else:
+                self.reply_ok(message)
+                self.worker.end_chat(chat, "teacher_ended", notify_matchmaker=True)
+        elif event in ACKNOWLEDGED_EVENTS:
+            self.reply_ok(message)
+        elif event in _RELAY_EVENTS:
+            self.reply_error(message, "unauthorized")
+        else:
+            self.reply_error(message, "unknown event")
+
+    def handle_teacher_event(self, message: Message) -> None:
+        if message.event == "claim:student":
+            self.worker.request_matchmaker(self, message, "claim")
+        else:
+            self.reply_error(message, "unknown event")
+
+    def handle_student_event(self, message: Message) -> None:
+        if message.event == "student:ready":
+            self.worker.request_matchmaker(self, message, "ready")
+        elif message.event == "queue:position":
+            self.worker.request_matchmaker(self, message, "position")
+        else:
+            self.reply_error(message, "unknown event")
+
+    # Leaving.
+
+    def close_channel(self, topic: str, join_ref: str | None) -> None:
+        """Close a channel from the server side (``phx_close``)."""
+        if self.channels.joined.get(topic, phoenix.UNJOINED) != join_ref:
+            return
+        self.channels.remove(topic)
+        self.chat_channels.pop(topic, None)
+        self.send_message(phoenix.close(topic, join_ref))
+
+    def release(self, topic: str, reason_suffix: str) -> None:
+        """Forget a channel; a chat whose participant leaves mid-chat ends."""
+        self.channels.remove(topic)
+        entry = self.chat_channels.pop(topic, None)
+        if entry is not None:
+            chat, role = entry
+            member = chat.members.get(role)
+            if member is not None and member.connection is self:
+                del chat.members[role]
+                if chat.state is not ChatState.ENDED:
+                    self.worker.end_chat(
+                        chat, f"{role}_{reason_suffix}", notify_matchmaker=True
+                    )
+        elif topic in self.presence_topics:
+            self.presence_topics.discard(topic)
+            self.worker.presence_left(self, topic)
+
+    def release_all(self) -> None:
+        for topic in list(self.channels.joined):
+            self.release(topic, reason_suffix="left")
+
+
+_RELAY_EVENTS = frozenset({RELAYS[TEACHER][0], RELAYS[STUDENT][0], "chat:terminate"})
