@@ -85,6 +85,12 @@ class Supervisor:
         ]
         matchmaker_pairs = [socket.socketpair() for _ in range(slots)]
         router_pair = socket.socketpair()
+        # One link for every pair of workers, for chats joined on another
+        # worker's socket: peer_ends[slot][other] is slot's end.
+        peer_ends: list[dict[int, socket.socket]] = [{} for _ in range(slots)]
+        for low in range(slots):
+            for high in range(low + 1, slots):
+                peer_ends[low][high], peer_ends[high][low] = socket.socketpair()
         common = [
             "--secret-file",
             str(options.secret_file),
@@ -109,6 +115,8 @@ class Supervisor:
         workers = []
         for slot in range(slots):
             handoff, link = handoff_pairs[slot][1], matchmaker_pairs[slot][0]
+            peers = peer_ends[slot]
+            peer_fds = ",".join(f"{other}:{end.fileno()}" for other, end in peers.items())
             workers.append(
                 self.spawn(
                     f"worker {slot}",
@@ -129,9 +137,12 @@ class Supervisor:
                         options.ws_engine,
                         "--idle-timeout",
                         str(options.idle_timeout),
+                        "--peer-fds",
+                        peer_fds,
                         *common,
                     ],
-                    [handoff.fileno(), link.fileno()],
+                    [handoff.fileno(), link.fileno()]
+                    + [end.fileno() for end in peers.values()],
                 )
             )
         self.spawn(
@@ -161,6 +172,9 @@ class Supervisor:
         # The children own their ends now.
         for pair in [*handoff_pairs, *matchmaker_pairs, router_pair]:
             for end in pair:
+                end.close()
+        for ends in peer_ends:
+            for end in ends.values():
                 end.close()
         listener.close()
 

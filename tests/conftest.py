@@ -56,6 +56,7 @@ class Server:
 
 
 def start_server(tmp_path: Path, *extra: str, workers: int = 2) -> Server:
+    tmp_path.mkdir(parents=True, exist_ok=True)
     data_dir = tmp_path / "data"
     log_path = tmp_path / "server.log"
     log_file = open(log_path, "wb")

@@ -8,7 +8,7 @@ import pytest
 import trio
 
 from phx import PhoenixClient, connect
-from shardchat import chatlog
+from shardchat import chatlog, placement
 from shardchat.exceptions import HandshakeError
 
 PRESENCE = "vsn=2.0.0&token={token}"
@@ -262,3 +262,65 @@ async def test_rule_user_status_reaches_teachers(server):
             payload = await three_waiting()
         assert payload["teachers"] == {"total": 1}
         assert payload["students"]["total"] == 3
+
+
+async def test_single_socket_chats_across_workers(server_factory):
+    """Presence and chat topics on one socket each, wherever the router put them."""
+    server = server_factory(workers=3)
+    async with AsyncExitStack() as stack:
+        teacher = await open_teacher(stack, server, "t1")
+        students = {}
+        for index in range(6):
+            students[f"s{index}"] = await open_student(stack, server, f"s{index}")
+        chats = []
+        for _ in range(5):
+            reply = await teacher.claim()
+            chats.append(reply.payload["response"]["chat"])
+        owners = {chat["id"]: placement.place(chat["id"], 3) for chat in chats}
+        assert len(set(owners.values())) > 1
+
+        joined = []
+        for chat in chats:
+            topic = f"chats:{chat['id']}"
+            student = students[chat["student_id"]]
+            student_chat = (await student.push_event(
+                f"presence:student:{chat['student_id']}", "new:chat"
+            )).payload
+            teacher_ref, reply = await teacher.client.join(topic, {"token": chat["token"]})
+            assert reply.payload == {"status": "ok", "response": {}}
+            student_ref, reply = await student.join(topic, {"token": student_chat["token"]})
+            assert reply.payload == {"status": "ok", "response": {}}
+            await teacher.client.push_event(topic, "chat:ready")
+            await student.push_event(topic, "chat:ready")
+            joined.append((chat, topic, student, teacher_ref, student_ref))
+
+        for chat, topic, student, teacher_ref, student_ref in joined:
+            for index in range(1, 3):
+                teacher.client.send(teacher_ref, None, topic, "teacher:send",
+                                    {"message": f"q{index}"})
+                received = await student.push_event(topic, "student:receive")
+                assert received.payload["message"] == f"q{index}"
+                student.send(student_ref, None, topic, "student:send", {"message": f"a{index}"})
+                answer = await teacher.client.push_event(topic, "teacher:receive")
+                assert answer.payload["message"] == f"a{index}"
+                assert answer.payload["seq"] == 2 * index
+            reply = await teacher.client.request(teacher_ref, topic, "chat:terminate")
+            assert reply.payload["status"] == "ok"
+            ended = await student.push_event(topic, "chat:terminated")
+            assert ended.payload == {"reason": "teacher_ended"}
+            closed = await student.push_event(topic, "phx_close")
+            assert closed.join_ref == student_ref
+
+        # A student cannot join another student's chat, even with its own socket.
+        chat, topic, *_ = joined[0]
+        intruder = students["s5"]
+        _, reply = await intruder.join(topic, {"token": chat["token"]})
+        assert reply.payload == {"status": "error", "response": {"reason": "unauthorized"}}
+
+    for chat, *_ in joined:
+        def logged(chat_id=chat["id"]):
+            found = chatlog.read_chat(server.data_dir, 3, chat_id)
+            return found if found and found["chat"]["end_reason"] else None
+
+        log = await wait_for(logged)
+        assert [row["body"] for row in log["messages"]] == ["q1", "a1", "q2", "a2"]

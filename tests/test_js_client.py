@@ -54,7 +54,8 @@ def run_npm(npm: str, *args: str, env: dict[str, str], timeout: int) -> str:
 
 def server_logs(*servers: Server) -> str:
     return "\n".join(
-        f"--- server log {server.url}:\n{server.log_text()[-4000:]}" for server in servers
+        f"--- server log {server.url}:\n{server.log_text()[-4000:]}"
+        for server in servers
     )
 
 
@@ -65,8 +66,6 @@ def test_js_client_conformance(tmp_path):
     if not (JS_DIR / "node_modules").is_dir():
         run_npm(npm, "ci", "--no-audit", "--no-fund", env=env, timeout=NPM_CI_TIMEOUT_S)
 
-    for name in ("main", "idle"):
-        (tmp_path / name).mkdir()
     main = start_server(tmp_path / "main")
     try:
         idle = start_server(tmp_path / "idle", "--idle-timeout", IDLE_TIMEOUT_S)
@@ -82,7 +81,11 @@ def test_js_client_conformance(tmp_path):
         )
         try:
             output = run_npm(
-                npm, "test", "--", "--test-reporter=tap", env=env,
+                npm,
+                "test",
+                "--",
+                "--test-reporter=tap",
+                env=env,
                 timeout=NPM_TEST_TIMEOUT_S,
             )
         except AssertionError as exc:

@@ -9,6 +9,7 @@ raw TCP stream that writes hand-built frames.
 from __future__ import annotations
 
 import base64
+import functools
 import hashlib
 import logging
 import socket
@@ -214,6 +215,8 @@ class Server:
         self.listener = listener
         self.port = listener.getsockname()[1]
         self.sockets: list[socket.socket] = []
+        # The client port of each accepted connection, in accept order.
+        self.client_ports: list[int] = []
         self.initial_data_read = trio.Event()
         self.returned = 0
 
@@ -228,6 +231,7 @@ class Server:
             for _ in range(count):
                 sock = await accept_socket(self.listener)
                 self.sockets.append(sock)
+                self.client_ports.append(sock.getpeername()[1])
                 initial_data = b""
                 if read_initial_data is not None:
                     initial_data = await read_initial_data(sock)
@@ -357,7 +361,7 @@ async def test_serve_request_fields(engine: str) -> None:
                 assert request.subprotocols == ()
                 assert recorder.connection.subprotocol is None
                 assert recorder.connection.remote_address == (
-                    f"127.0.0.1:{server.sockets[0].getpeername()[1]}"
+                    f"127.0.0.1:{server.client_ports[0]}"
                 )
                 assert client.remote_address == f"127.0.0.1:{server.port}"
         assert_sockets_closed(server)
@@ -871,6 +875,10 @@ async def test_close_is_idempotent(engine: str) -> None:
     async def close_twice(connection: Connection) -> None:
         async with trio.open_nursery() as nursery:
             nursery.start_soon(connection.close, CloseCode.GOING_AWAY, "first")
+            # trio does not promise to start tasks in order, so the second
+            # close starts once the first one has sent its frame.
+            while not connection.closed:
+                await trio.sleep(0)
             nursery.start_soon(connection.close, CloseCode.INTERNAL_ERROR, "second")
         await connection.close()
 
@@ -955,7 +963,9 @@ async def test_serve_cancelled_closes_socket(
             async with trio.open_nursery() as nursery:
                 client = await RawClient.open(listener.getsockname()[1])
                 sock = await accept_socket(listener)
-                nursery.start_soon(serve, sock, b"", recorder, engine=engine)
+                nursery.start_soon(
+                    functools.partial(serve, sock, b"", recorder, engine=engine)
+                )
                 await client.handshake()
                 await recorder.started.wait()
                 nursery.cancel_scope.cancel()
@@ -993,7 +1003,7 @@ async def test_serve_handler_error_closes_1011(
                         await failing.receive()
                     assert caught.value.code == CloseCode.INTERNAL_ERROR
                     assert caught.value.reason == ""
-                    failing_address = f"127.0.0.1:{_local_port(server, 1)}"
+                    failing_address = f"127.0.0.1:{server.client_ports[1]}"
                 healthy.send("still here")
                 assert await healthy.receive() == "still here"
         assert_sockets_closed(server)
@@ -1005,11 +1015,6 @@ async def test_serve_handler_error_closes_1011(
     )
     assert errors[0].exc_info is not None
     assert str(errors[0].exc_info[1]) == "handler bug"
-
-
-def _local_port(server: Server, index: int) -> int:
-    """Return the client port of the server's index-th accepted connection."""
-    return server.sockets[index].getpeername()[1]
 
 
 @engines
@@ -1113,6 +1118,7 @@ async def test_send_slow_reader_is_aborted(
         async with serving(flood, engine=engine, send_buffer_limit=64 * 1024) as server:
             client = await RawClient.open(server.port)
             client.stream.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+            client_port = client.stream.socket.getsockname()[1]
             await client.handshake()
             await server_done(server)
             await client.stream.aclose()
@@ -1123,7 +1129,7 @@ async def test_send_slow_reader_is_aborted(
     aborts = [r for r in caplog.records if r.getMessage().startswith("aborted")]
     assert len(aborts) == 1
     assert aborts[0].levelno == logging.INFO
-    assert aborts[0].args[0] == f"127.0.0.1:{_local_port(server, 0)}"
+    assert aborts[0].args[0] == f"127.0.0.1:{client_port}"
 
 
 async def server_done(server: Server) -> None:

@@ -225,8 +225,6 @@ function sendAnswer(event) {
 }
 
 function start({token, userId}) {
-  elements.user.replaceChildren("Signed in as ", el("strong", {}, userId))
-  elements.user.hidden = false
 
   const socket = openSocket(
     {token},
@@ -253,6 +251,8 @@ function start({token, userId}) {
     onOk: () => {
       setConnection("open", "Connected")
       hideNotice()
+      elements.user.replaceChildren("Signed in as ", el("strong", {}, userId))
+      elements.user.hidden = false
       state.joined = true
       setStatus(state.status, elements.position.textContent)
     },

@@ -19,6 +19,9 @@ def main() -> None:
     parser.add_argument("--secret-file", type=Path, required=True)
     parser.add_argument("--data-dir", type=Path, required=True)
     parser.add_argument("--ws-engine", default="wsproto")
+    parser.add_argument(
+        "--peer-fds", default="", help="links to other workers: SLOT:FD,SLOT:FD"
+    )
     parser.add_argument("--idle-timeout", type=float, default=server.IDLE_TIMEOUT_S)
     parser.add_argument("--parent-pid", type=int, required=True)
     parser.add_argument("--log-level", default="info")
@@ -27,6 +30,10 @@ def main() -> None:
     process.setup_logging(args.log_level)
     handoff = socket.socket(fileno=args.handoff_fd)
     matchmaker = socket.socket(fileno=args.matchmaker_fd)
+    peers = {}
+    for item in filter(None, args.peer_fds.split(",")):
+        peer_slot, _, fd = item.partition(":")
+        peers[int(peer_slot)] = socket.socket(fileno=int(fd))
     trio.run(
         server.run,
         args.slot,
@@ -37,6 +44,7 @@ def main() -> None:
         args.data_dir,
         args.ws_engine,
         args.idle_timeout,
+        peers,
     )
 
 

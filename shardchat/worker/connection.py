@@ -53,6 +53,10 @@ class ClientConnection:
         # Chat channels joined on this connection: topic -> (chat, role).
         self.chat_channels: dict[str, tuple[Chat, str]] = {}
         self.presence_topics: set[str] = set()
+        # Chat topics seen on this connection -> the slot that owns the chat.
+        self.topic_owners: dict[str, int] = {}
+        # Peer slots that hold a proxy of this connection.
+        self.proxied_to: set[int] = set()
         self.last_seen = trio.current_time()
         self.frames_received = 0
         self.frames_sent = 0
@@ -113,6 +117,11 @@ class ClientConnection:
             ):
                 self.handle_chat_event(entry[0], entry[1], message)
                 return
+        if entry is None and message.topic.startswith(CHAT_TOPIC_PREFIX):
+            owner = self.owner_of(message.topic)
+            if owner != self.worker.slot:
+                self.worker.forward(self, owner, message)
+                return
         action = self.channels.classify(message)
         if action is Action.EVENT:
             self.dispatch(message)
@@ -131,6 +140,14 @@ class ClientConnection:
         elif action is Action.TOO_MANY:
             self.reply_error(message, "too many channels joined")
         # Action.STALE: Phoenix ignores frames of an earlier channel.
+
+    def owner_of(self, topic: str) -> int:
+        """Return the slot that owns a chat topic (cached per connection)."""
+        owner = self.topic_owners.get(topic)
+        if owner is None:
+            owner = self.worker.chat_owner(topic[len(CHAT_TOPIC_PREFIX) :])
+            self.topic_owners[topic] = owner
+        return owner
 
     # Joins.
 
@@ -183,6 +200,7 @@ class ClientConnection:
             return
         worker = self.worker
         if not worker.owns_chat(chat_id):
+            # Only reached when a peer forwarded a join it does not own either.
             self.reply_error(message, "chat is owned by another worker")
             return
         if worker.chat_ended(chat_id):
@@ -301,6 +319,9 @@ class ClientConnection:
     def release_all(self) -> None:
         for topic in list(self.channels.joined):
             self.release(topic, reason_suffix="left")
+        for slot in self.proxied_to:
+            self.worker.send_peer(slot, {"op": "proxy_close", "conn": self.id})
+        self.proxied_to.clear()
 
 
 _RELAY_EVENTS = frozenset({RELAYS[TEACHER][0], RELAYS[STUDENT][0], "chat:terminate"})

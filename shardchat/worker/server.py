@@ -25,8 +25,10 @@ from shardchat import phoenix, placement, tokens, websocket
 from shardchat.chatlog import ChatLog
 from shardchat.close_codes import CloseCode
 from shardchat.ipc import Link
+from shardchat.exceptions import ConnectionClosed
 from shardchat.phoenix import Message
 from shardchat.worker.chat import Chat
+from shardchat.worker.proxy import ProxyWebSocket
 from shardchat.worker.connection import (
     STUDENT_TOPIC_PREFIX,
     TEACHERS_TOPIC,
@@ -73,12 +75,20 @@ class Worker:
         self._request_ids = itertools.count(1)
         self._connection_ids = itertools.count(1)
         self.handoffs_failed = 0
+        self.peers: dict[int, Link] = {}
+        self.connections_by_id: dict[int, ClientConnection] = {}
+        # Connections of peer workers whose chats live here: (slot, id) -> proxy.
+        self.proxies: dict[tuple[int, int], ClientConnection] = {}
+        self.frames_forwarded = 0
         self.connection_nursery: trio.Nursery | None = None
 
     # Chats.
 
     def owns_chat(self, chat_id: str) -> bool:
         return placement.place(chat_id, self.slots) == self.slot
+
+    def chat_owner(self, chat_id: str) -> int:
+        return placement.place(chat_id, self.slots)
 
     def chat_ended(self, chat_id: str) -> bool:
         return chat_id in self.ended_chats
@@ -203,6 +213,66 @@ class Worker:
             for connection, join_ref in channels.items():
                 connection.push(join_ref, TEACHERS_TOPIC, event, payload)
 
+    # Peer workers.
+
+    def send_peer(self, slot: int, message: dict[str, Any]) -> None:
+        link = self.peers.get(slot)
+        if link is not None:
+            link.send(message)
+
+    def forward(self, connection: ClientConnection, slot: int, message: Message) -> None:
+        """Send a client frame for a chat owned by ``slot`` to that worker."""
+        link = self.peers.get(slot)
+        if link is None or link.closed:
+            if message.ref is not None:
+                connection.reply_error(message, "chat worker unavailable")
+            return
+        if slot not in connection.proxied_to:
+            connection.proxied_to.add(slot)
+            link.send(
+                {"op": "proxy_open", "conn": connection.id,
+                 "identity": list(connection.identity), "vsn": connection.codec.version}
+            )
+        link.send({"op": "proxy_in", "conn": connection.id, "message": list(message)})
+        self.frames_forwarded += 1
+
+    async def run_peer_link(self, slot: int, link: Link) -> None:
+        self.peers[slot] = link
+        async for message in link.messages():
+            self.handle_peer(slot, link, message)
+        log.error("slot %d: link to worker slot %d closed", self.slot, slot)
+        self.peers.pop(slot, None)
+        for key in [key for key in self.proxies if key[0] == slot]:
+            self.proxies.pop(key).release_all()
+
+    def handle_peer(self, slot: int, link: Link, message: dict[str, Any]) -> None:
+        op = message["op"]
+        if op == "proxy_in":
+            proxy = self.proxies.get((slot, message["conn"]))
+            if proxy is not None:
+                proxy.handle(Message(*message["message"]))
+        elif op == "proxy_out":
+            connection = self.connections_by_id.get(message["conn"])
+            if connection is not None:
+                try:
+                    connection.websocket.send(message["text"])
+                except ConnectionClosed:
+                    return
+                connection.frames_sent += 1
+        elif op == "proxy_open":
+            key = (slot, message["conn"])
+            identity = tokens.Identity(*message["identity"])
+            self.proxies[key] = ClientConnection(
+                self, ProxyWebSocket(link, message["conn"]), identity,
+                phoenix.CODECS[message["vsn"]], message["conn"],
+            )
+        elif op == "proxy_close":
+            proxy = self.proxies.pop((slot, message["conn"]), None)
+            if proxy is not None:
+                proxy.release_all()
+        else:
+            log.warning("slot %d: unknown op %r from worker slot %d", self.slot, op, slot)
+
     # Connections.
 
     async def run_handoffs(self, handoff: socket.socket, nursery: trio.Nursery) -> None:
@@ -243,10 +313,12 @@ class Worker:
                 self, conn, identity, codec, next(self._connection_ids)
             )
             self.connections.add(connection)
+            self.connections_by_id[connection.id] = connection
             try:
                 await connection.run()
             finally:
                 self.connections.discard(connection)
+                del self.connections_by_id[connection.id]
 
         await websocket.serve(
             sock,
@@ -291,6 +363,8 @@ class Worker:
             "chats": len(self.chats),
             "messages": self.chat_log.messages_logged,
             "handoffs_failed": self.handoffs_failed,
+            "frames_forwarded": self.frames_forwarded,
+            "proxies": len(self.proxies),
         }
 
 
@@ -318,6 +392,7 @@ async def run(
     data_dir: Path,
     ws_engine: str,
     idle_timeout: float = IDLE_TIMEOUT_S,
+    peers: dict[int, socket.socket] | None = None,
 ) -> None:
     """Run a worker until SIGTERM, then close connections and flush the log."""
     worker = Worker(slot, slots, secret, data_dir, ws_engine, idle_timeout)
@@ -329,6 +404,10 @@ async def run(
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(link.run_writer)
                 nursery.start_soon(worker.run_matchmaker_link, link)
+                for peer_slot, peer_socket in (peers or {}).items():
+                    peer = Link(peer_socket, f"worker {slot} -> worker {peer_slot}")
+                    nursery.start_soon(peer.run_writer)
+                    nursery.start_soon(worker.run_peer_link, peer_slot, peer)
                 connections = await nursery.start(_connection_nursery)
                 worker.connection_nursery = connections
                 nursery.start_soon(worker.run_handoffs, handoff, connections)
