@@ -20,6 +20,7 @@ def main() -> None:
     parser.add_argument("--secret-file", type=Path, required=True)
     parser.add_argument("--data-dir", type=Path, required=True)
     parser.add_argument("--socket-path", default="/socket")
+    parser.add_argument("--insecure-join-identity", action="store_true")
     parser.add_argument("--parent-pid", type=int, required=True)
     parser.add_argument("--log-level", default="info")
     args = parser.parse_args()
@@ -38,6 +39,7 @@ def main() -> None:
         args.data_dir,
         pids,
         args.socket_path,
+        args.insecure_join_identity,
     )
 
 

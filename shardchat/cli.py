@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import ipaddress
 import json
 import logging
 import os
@@ -73,6 +74,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="seconds without a frame before a connection is closed",
     )
     serve.add_argument(
+        "--insecure-join-identity",
+        action="store_true",
+        help="development only: accept connections without a token and take the "
+        'user id and role from join payloads ({"userId", "role"}); loopback hosts only',
+    )
+    serve.add_argument(
         "--log-level", default="info", choices=("debug", "info", "warning", "error")
     )
 
@@ -121,6 +128,12 @@ def run_serve(args: argparse.Namespace) -> int:
         )
     if not 0 <= args.port <= 65535:
         raise ConfigurationError(f"invalid --port {args.port}: must be 0 to 65535")
+    if args.insecure_join_identity and not _is_loopback(args.host):
+        raise ConfigurationError(
+            f"--insecure-join-identity is refused with --host {args.host}: it lets "
+            "any client claim any identity, so it runs on loopback hosts only "
+            "(127.0.0.1, ::1, localhost)"
+        )
     data_dir = args.data_dir.resolve()
     data_dir.mkdir(parents=True, exist_ok=True)
     secret_file = args.secret_file or tokens.ensure_secret(data_dir)
@@ -136,8 +149,23 @@ def run_serve(args: argparse.Namespace) -> int:
         socket_path=args.socket_path,
         log_level=args.log_level,
         idle_timeout=args.idle_timeout,
+        insecure_join_identity=args.insecure_join_identity,
     )
+    if args.insecure_join_identity:
+        logging.getLogger("shardchat").warning(
+            "INSECURE: --insecure-join-identity is on; connections need no token and "
+            "any client may claim any user id and role. Development use only."
+        )
     return supervisor.serve(options)
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 def run_token(args: argparse.Namespace) -> int:

@@ -55,6 +55,7 @@ class Options:
     socket_path: str = "/socket"
     log_level: str = "info"
     idle_timeout: float = 60.0
+    insecure_join_identity: bool = False
 
 
 @dataclass
@@ -112,6 +113,7 @@ class Supervisor:
             ],
             [pair[1].fileno() for pair in matchmaker_pairs] + [router_pair[1].fileno()],
         )
+        insecure = ["--insecure-join-identity"] if options.insecure_join_identity else []
         workers = []
         for slot in range(slots):
             handoff, link = handoff_pairs[slot][1], matchmaker_pairs[slot][0]
@@ -139,6 +141,7 @@ class Supervisor:
                         str(options.idle_timeout),
                         "--peer-fds",
                         peer_fds,
+                        *insecure,
                         *common,
                     ],
                     [handoff.fileno(), link.fileno()]
@@ -164,6 +167,7 @@ class Supervisor:
                 str(options.data_dir),
                 "--socket-path",
                 options.socket_path,
+                *insecure,
                 *common,
             ],
             [listener.fileno(), router_pair[0].fileno()]

@@ -25,6 +25,9 @@ from typing import NamedTuple
 from shardchat.exceptions import ConfigurationError, TokenError
 
 ROLES = ("teacher", "student")
+# The role of a connection admitted without a token in the development mode
+# --insecure-join-identity: its join payloads name the user and role.
+ANONYMOUS_ROLE = "anonymous"
 DEFAULT_TTL_S = 24 * 3600
 SECRET_BYTES = 32
 SECRET_FILE_NAME = "secret"

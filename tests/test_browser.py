@@ -15,9 +15,9 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from conftest import Server, start_server, stop_server
 from playwright.sync_api import Browser, Page, expect, sync_playwright
 
-from conftest import Server, start_server, stop_server
 from shardchat import tokens
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -54,6 +54,7 @@ def pages_installed() -> None:
         [npm, "ci", "--no-audit", "--no-fund", "--prefix", str(PAGES_DIR)],
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
+        check=False,
         text=True,
         timeout=NPM_CI_TIMEOUT_S,
     )
@@ -300,17 +301,17 @@ def test_pages_wrong_role_notice(browser, page_server, page_errors):
     assert page_errors.errors == []
 
 
-def test_pages_refused_token_notice(browser, page_server, page_errors):
+def test_pages_rejected_token_notice(browser, page_server, page_errors):
     forged = tokens.mint(b"\x00" * tokens.SECRET_BYTES, "student-eve", "student")
     page = open_page(
         browser, page_errors, f"{page_server.url}/student?token={forged}", NARROW
     )
 
     expect(page.get_by_role("alert").locator("strong")).to_have_text(
-        "The server refused the connection: the token is invalid or expired."
+        "The server rejected the connection: the token is invalid or expired."
     )
     expect(page.locator("#connection")).to_have_text("Not connected")
     expect(page.get_by_role("button", name="Ready")).to_be_disabled()
-    screenshot(page, "student-refused-token.png")
-    # Chromium logs the refused websocket handshake (403) as a console error.
+    screenshot(page, "student-rejected-token.png")
+    # Chromium logs the rejected websocket handshake (403) as a console error.
     assert [error for error in page_errors.errors if "403" not in error] == []

@@ -36,6 +36,7 @@ def run_npm(npm: str, *args: str, env: dict[str, str], timeout: int) -> str:
             env=env,
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
+            check=False,
             text=True,
             timeout=timeout,
         )

@@ -219,6 +219,13 @@ class Server:
         self.client_ports: list[int] = []
         self.initial_data_read = trio.Event()
         self.returned = 0
+        self.raw_clients: list[RawClient] = []
+
+    async def open_client(self) -> RawClient:
+        """Open a raw client that serving() closes on exit."""
+        client = await RawClient.open(self.port)
+        self.raw_clients.append(client)
+        return client
 
     async def run(
         self,
@@ -258,17 +265,20 @@ async def serving(
     **options: Any,
 ) -> AsyncIterator[Server]:
     """Serve count connections; on exit, wait until every serve() has returned."""
-    listener = socket.socket()
-    try:
+    with socket.socket() as listener:
         listener.bind(("127.0.0.1", 0))
         listener.listen(16)
         listener.setblocking(False)
         server = Server(listener)
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(server.run, handler, count, read_initial_data, options)
-            yield server
-    finally:
-        listener.close()
+        try:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(
+                    server.run, handler, count, read_initial_data, options
+                )
+                yield server
+        finally:
+            for client in server.raw_clients:
+                client.stream.socket.close()
 
 
 def assert_sockets_closed(server: Server) -> None:
@@ -388,7 +398,7 @@ async def test_serve_initial_data_partial_head(engine: str) -> None:
 
     with trio.fail_after(DEADLINE):
         async with serving(echo, engine=engine, read_initial_data=read_part) as server:
-            client = await RawClient.open(server.port)
+            client = await server.open_client()
             await client.stream.send_all(request[:30])
             await server.initial_data_read.wait()
             await trio.sleep(0.05)
@@ -417,7 +427,7 @@ async def test_serve_initial_data_with_early_frame(engine: str) -> None:
         async with serving(
             recorder, engine=engine, read_initial_data=read_all
         ) as server:
-            client = await RawClient.open(server.port)
+            client = await server.open_client()
             await client.stream.send_all(early)
             head = await client.read_head()
             assert head.startswith(b"HTTP/1.1 101 ")
@@ -434,7 +444,7 @@ async def test_serve_receives_messages_of_one_read(engine: str) -> None:
     frames = b"".join(client_frame(TEXT, f"m{i}".encode()) for i in range(5))
     with trio.fail_after(DEADLINE):
         async with serving(recorder, engine=engine) as server:
-            client = await RawClient.open(server.port)
+            client = await server.open_client()
             await client.handshake()
             await client.stream.send_all(frames + client_frame(BINARY, b"\x00\xff"))
             await client.stream.send_all(client_frame(CLOSE, close_payload(1000)))
@@ -494,7 +504,7 @@ async def test_serve_rejects_invalid_upgrade(
     caplog.set_level(logging.DEBUG, logger="shardchat.websocket")
     with trio.fail_after(DEADLINE):
         async with serving(recorder, engine=engine) as server:
-            client = await RawClient.open(server.port)
+            client = await server.open_client()
             await client.stream.send_all(request_bytes)
             response = await client.read_to_eof()
             assert response.startswith(status_line)
@@ -514,7 +524,7 @@ async def test_serve_rejects_invalid_upgrade(
 async def test_serve_rejects_oversize_head(engine: str) -> None:
     with trio.fail_after(DEADLINE):
         async with serving(echo, engine=engine) as server:
-            client = await RawClient.open(server.port)
+            client = await server.open_client()
             filler = "X-Filler: " + "a" * 20000 + "\r\n"
             await client.stream.send_all(upgrade_request(extra_headers=filler))
             response = await client.read_to_eof()
@@ -526,7 +536,7 @@ async def test_serve_rejects_oversize_head(engine: str) -> None:
 async def test_serve_handshake_timeout(engine: str) -> None:
     with trio.fail_after(DEADLINE):
         async with serving(echo, engine=engine, handshake_timeout=0.2) as server:
-            client = await RawClient.open(server.port)
+            client = await server.open_client()
             await client.stream.send_all(upgrade_request()[:40])
             response = await client.read_to_eof()
             assert response.startswith(b"HTTP/1.1 408 ")
@@ -587,20 +597,16 @@ async def test_serve_unoffered_subprotocol_is_server_error(
 async def test_connect_timeout() -> None:
     # A listener that is never accepted from: the kernel completes the TCP
     # connect, but no upgrade response ever comes.
-    listener = socket.socket()
-    listener.bind(("127.0.0.1", 0))
-    listener.listen(1)
-    port = listener.getsockname()[1]
-    try:
-        with trio.fail_after(DEADLINE):
-            with pytest.raises(TimeoutError) as caught:
-                async with connect("127.0.0.1", port, RESOURCE, connect_timeout=0.2):
-                    pass
-        assert str(caught.value) == (
-            f"websocket connection to 127.0.0.1:{port} timed out after 0.2 s"
-        )
-    finally:
-        listener.close()
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(1)
+        port = listener.getsockname()[1]
+        with trio.fail_after(DEADLINE), pytest.raises(TimeoutError) as caught:
+            async with connect("127.0.0.1", port, RESOURCE, connect_timeout=0.2):
+                pass
+    assert str(caught.value) == (
+        f"websocket connection to 127.0.0.1:{port} timed out after 0.2 s"
+    )
 
 
 async def test_connect_refused() -> None:
@@ -642,7 +648,7 @@ async def test_serve_reassembles_fragments_around_ping(engine: str) -> None:
     )
     with trio.fail_after(DEADLINE):
         async with serving(recorder, engine=engine) as server:
-            client = await RawClient.open(server.port)
+            client = await server.open_client()
             await client.handshake()
             await client.stream.send_all(fragments)
             assert await client.read_frame() == Frame(True, PONG, b"are you there")
@@ -660,7 +666,7 @@ async def test_serve_reassembles_fragments_split_across_reads(engine: str) -> No
     )
     with trio.fail_after(DEADLINE):
         async with serving(recorder, engine=engine) as server:
-            client = await RawClient.open(server.port)
+            client = await server.open_client()
             await client.handshake()
             # Cut inside a frame header and inside the two-byte "ü".
             for start, end in [(0, 1), (1, 9), (9, 17), (17, len(data))]:
@@ -691,7 +697,7 @@ async def test_serve_unmasked_frame_is_protocol_error(
     recorder = Recorder()
     with trio.fail_after(DEADLINE):
         async with serving(recorder, engine=engine) as server:
-            client = await RawClient.open(server.port)
+            client = await server.open_client()
             await client.handshake()
             await client.stream.send_all(client_frame(TEXT, b"plain", masked=False))
             if peer_close is None:
@@ -725,7 +731,7 @@ async def test_serve_invalid_utf8_is_invalid_data(
     recorder = Recorder()
     with trio.fail_after(DEADLINE):
         async with serving(recorder, engine=engine) as server:
-            client = await RawClient.open(server.port)
+            client = await server.open_client()
             await client.handshake()
             await client.stream.send_all(client_frame(TEXT, b"ok\xc3\x28"))
             if peer_close is None:
@@ -761,7 +767,7 @@ async def test_serve_oversize_message_is_too_big(engine: str, frames: bytes) -> 
     recorder = Recorder(echo=False)
     with trio.fail_after(DEADLINE):
         async with serving(recorder, engine=engine, max_message_size=64) as server:
-            client = await RawClient.open(server.port)
+            client = await server.open_client()
             await client.handshake()
             await client.stream.send_all(client_frame(TEXT, b"x" * 64) + frames)
             assert await client.read_close() == (
@@ -782,7 +788,7 @@ async def test_serve_oversize_frame_rejected_before_complete() -> None:
     header = struct.pack("!BBQ", 0x80 | TEXT, 0x80 | 127, 10_000_000) + MASK
     with trio.fail_after(DEADLINE):
         async with serving(recorder, max_message_size=1024) as server:
-            client = await RawClient.open(server.port)
+            client = await server.open_client()
             await client.handshake()
             await client.stream.send_all(header + b"\x00" * 2048)
             assert await client.read_close() == (
@@ -854,7 +860,7 @@ async def test_close_from_raw_client_is_echoed(engine: str) -> None:
     recorder = Recorder()
     with trio.fail_after(DEADLINE):
         async with serving(recorder, engine=engine) as server:
-            client = await RawClient.open(server.port)
+            client = await server.open_client()
             await client.handshake()
             await client.stream.send_all(
                 client_frame(CLOSE, close_payload(4001, "lesson over"))
@@ -901,7 +907,7 @@ async def test_close_times_out_on_silent_peer(engine: str) -> None:
 
     with trio.fail_after(DEADLINE):
         async with serving(close_at_once, engine=engine, close_timeout=0.2) as server:
-            client = await RawClient.open(server.port)
+            client = await server.open_client()
             await client.handshake()
             started = trio.current_time()
             assert await client.read_close() == (CloseCode.GOING_AWAY, "")
@@ -916,7 +922,7 @@ async def test_serve_peer_vanishes_is_abnormal(engine: str) -> None:
     recorder = Recorder()
     with trio.fail_after(DEADLINE):
         async with serving(recorder, engine=engine) as server:
-            client = await RawClient.open(server.port)
+            client = await server.open_client()
             await client.handshake()
             await recorder.started.wait()
             await client.stream.aclose()
@@ -954,14 +960,13 @@ async def test_serve_cancelled_closes_socket(
     engine: str, peer_close: tuple[int, str] | None
 ) -> None:
     recorder = Recorder()
-    listener = socket.socket()
-    listener.bind(("127.0.0.1", 0))
-    listener.listen(1)
-    listener.setblocking(False)
-    try:
-        with trio.fail_after(DEADLINE):
+    with socket.socket() as listener, trio.fail_after(DEADLINE):
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(1)
+        listener.setblocking(False)
+        client = await RawClient.open(listener.getsockname()[1])
+        try:
             async with trio.open_nursery() as nursery:
-                client = await RawClient.open(listener.getsockname()[1])
                 sock = await accept_socket(listener)
                 nursery.start_soon(
                     functools.partial(serve, sock, b"", recorder, engine=engine)
@@ -974,9 +979,8 @@ async def test_serve_cancelled_closes_socket(
                 assert await client.read_to_eof() == b""
             else:
                 assert await client.read_close() == peer_close
-            await client.stream.aclose()
-    finally:
-        listener.close()
+        finally:
+            client.stream.socket.close()
 
 
 # Handler failures
@@ -1077,7 +1081,7 @@ async def test_send_backlog_flushes_in_order(engine: str) -> None:
         async with serving(
             send_many, engine=engine, send_buffer_limit=4 << 20
         ) as server:
-            client = await RawClient.open(server.port)
+            client = await server.open_client()
             await client.handshake()
             await sent.wait()
             for index in range(count):
@@ -1116,7 +1120,7 @@ async def test_send_slow_reader_is_aborted(
 
     with trio.fail_after(DEADLINE):
         async with serving(flood, engine=engine, send_buffer_limit=64 * 1024) as server:
-            client = await RawClient.open(server.port)
+            client = await server.open_client()
             client.stream.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
             client_port = client.stream.socket.getsockname()[1]
             await client.handshake()

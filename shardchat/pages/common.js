@@ -1,5 +1,5 @@
 // Helpers shared by the student and teacher pages: the token from the URL, the
-// phoenix.js socket with a clear message when the server refuses it, and small
+// phoenix.js socket with a clear message when the server rejects it, and small
 // DOM builders. The official phoenix.js (served at /vendor/phoenix.js) defines
 // the global `Phoenix` before these modules run.
 
@@ -13,8 +13,8 @@ export function readToken() {
 }
 
 /**
- * Decode a token's payload ({u: user id, r: role, x: expiry}) without checking
- * its signature: the server checks that. Returns null for a malformed token.
+ * Decode a token's payload ({u: user id, r: role, x: expiry}), or return null
+ * for a malformed token. The signature is left to the server to verify.
  */
 export function decodeToken(token) {
   const encoded = token.split(".")[0]
@@ -52,8 +52,8 @@ export function formatClock(ms) {
 }
 
 /**
- * Show a page-wide notice. `kind` is "info", "ok", "warning" or "error"; an
- * error notice stays until replaced.
+ * Show a page-wide notice until it is hidden or replaced. `kind` is "info",
+ * "ok", "warning" or "error".
  */
 export function showNotice(kind, text, detail = null) {
   const notice = document.getElementById("notice")
@@ -74,7 +74,7 @@ export function setConnection(state, label) {
   badge.textContent = label
 }
 
-/** Code elements for the local token command of a role, for notices. */
+/** Build the notice text that says how to get a token for `role`. */
 export function tokenHint(role) {
   const page = role === "teacher" ? "/teacher" : "/student"
   return [
@@ -87,8 +87,8 @@ export function tokenHint(role) {
 }
 
 /**
- * Stop with a notice when phoenix.js or the token is missing; otherwise return
- * the token and its decoded payload.
+ * Return the token and its user id, or show a notice and return null when
+ * phoenix.js or a usable token is missing.
  */
 export function requireSession(role) {
   if (typeof window.Phoenix === "undefined") {
@@ -130,15 +130,18 @@ async function serverIsUp() {
 }
 
 /**
- * Open a phoenix.js socket with `params`. A socket that fails before it ever
- * opened was refused (bad or expired token) or could not reach the server; it
- * is then disconnected and `onRefused(message)` called. Once open, phoenix.js
- * reconnects by itself and `onState` follows it ("open" or "reconnecting").
+ * Open a phoenix.js socket with `params`.
+ *
+ * A socket that fails before it ever opened was rejected (bad or expired
+ * token) or could not reach the server. It is then disconnected, so phoenix.js
+ * stops retrying, and `onRejected(message)` is called. Once a socket has
+ * opened, phoenix.js reconnects by itself and `onState` follows it with
+ * "open" or "reconnecting".
  */
-export function openSocket(params, {onRefused, onState}) {
+export function openSocket(params, {onRejected, onState}) {
   const socket = new window.Phoenix.Socket(SOCKET_PATH, {params})
   let opened = false
-  let refused = false
+  let rejected = false
   socket.onOpen(() => {
     opened = true
     onState("open")
@@ -148,20 +151,20 @@ export function openSocket(params, {onRefused, onState}) {
       onState("reconnecting")
       return
     }
-    if (refused) {
+    if (rejected) {
       return
     }
-    refused = true
+    rejected = true
     socket.disconnect()
     const up = await serverIsUp()
-    onRefused(
+    onRejected(
       up
-        ? "The server refused the connection: the token is invalid or expired."
+        ? "The server rejected the connection: the token is invalid or expired."
         : "The server cannot be reached. Check that shardchat is running, then reload.",
     )
   })
   socket.onClose(() => {
-    if (opened && !refused) {
+    if (opened && !rejected) {
       onState("reconnecting")
     }
   })
@@ -170,8 +173,8 @@ export function openSocket(params, {onRefused, onState}) {
 }
 
 /**
- * Join `channel` and call `onOk` on each successful (re)join, `onError` with
- * the server's reason on a refused join.
+ * Join `channel`. Call `onOk` on each successful join or rejoin, and
+ * `onError` with the server's reason when a join fails or times out.
  */
 export function joinChannel(channel, {onOk, onError}) {
   channel
@@ -180,12 +183,12 @@ export function joinChannel(channel, {onOk, onError}) {
     .receive("error", (response) => {
       onError(response && response.reason ? response.reason : "join failed")
     })
-    .receive("timeout", () => onError("the server did not answer the join"))
+    .receive("timeout", () => onError("the join timed out"))
 }
 
 /**
- * Push `event` and resolve with the ok response; reject with an Error whose
- * message is the server's reason, or a timeout message.
+ * Push `event` and resolve with the ok response. Reject with an Error whose
+ * message is the server's reason, or "the request timed out".
  */
 export function pushRequest(channel, event, payload = {}) {
   return new Promise((resolve, reject) => {
@@ -193,7 +196,7 @@ export function pushRequest(channel, event, payload = {}) {
       .push(event, payload)
       .receive("ok", resolve)
       .receive("error", (response) => reject(new Error(response?.reason ?? "request failed")))
-      .receive("timeout", () => reject(new Error("the server did not answer in time")))
+      .receive("timeout", () => reject(new Error("the request timed out")))
   })
 }
 
@@ -203,7 +206,12 @@ export function pushRequest(channel, event, payload = {}) {
  */
 export class Transcript {
   constructor(label) {
-    this.list = el("ol", {class: "transcript", role: "log", "aria-label": label, "aria-live": "polite"})
+    this.list = el("ol", {
+      class: "transcript",
+      role: "log",
+      "aria-label": label,
+      "aria-live": "polite",
+    })
     this.empty = el("li", {class: "transcript-empty"}, "No messages yet.")
     this.list.append(this.empty)
   }
@@ -234,7 +242,7 @@ export class Transcript {
   }
 }
 
-/** Human wording of a chat:terminated reason. */
+/** Return the sentence shown for a chat:terminated reason. */
 export function endReasonText(reason) {
   const texts = {
     teacher_ended: "The teacher ended the chat.",

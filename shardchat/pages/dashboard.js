@@ -28,7 +28,7 @@ const $ = (id) => document.getElementById(id)
 async function fetchJson(path) {
   const response = await fetch(path, {signal: AbortSignal.timeout(FETCH_TIMEOUT_MS)})
   if (!response.ok) {
-    throw new Error(`${path} answered ${response.status}`)
+    throw new Error(`GET ${path} failed with HTTP status ${response.status}`)
   }
   return response.json()
 }
@@ -36,7 +36,10 @@ async function fetchJson(path) {
 function formatNumber(value, digits = 0) {
   return value === null || value === undefined || Number.isNaN(value)
     ? "–"
-    : value.toLocaleString(undefined, {minimumFractionDigits: digits, maximumFractionDigits: digits})
+    : value.toLocaleString(undefined, {
+        minimumFractionDigits: digits,
+        maximumFractionDigits: digits,
+      })
 }
 
 function formatAge(seconds) {
@@ -138,10 +141,14 @@ async function readLogCounts(chats) {
   return counts
 }
 
+function emptyRow(columns, text) {
+  return el("tr", {class: "table-empty"}, el("td", {colspan: columns}, text))
+}
+
 function renderChats(chats, logCounts) {
   const body = $("chats-body")
   if (chats.length === 0) {
-    body.replaceChildren(el("tr", {class: "table-empty"}, el("td", {colspan: 6}, "No chats in progress.")))
+    body.replaceChildren(emptyRow(6, "No chats in progress."))
     return
   }
   const nowS = Date.now() / 1000
@@ -160,13 +167,7 @@ function renderChats(chats, logCounts) {
     )
   })
   if (chats.length > MAX_CHAT_ROWS) {
-    rows.push(
-      el(
-        "tr",
-        {class: "table-empty"},
-        el("td", {colspan: 6}, `and ${chats.length - MAX_CHAT_ROWS} more chats`),
-      ),
-    )
+    rows.push(emptyRow(6, `and ${chats.length - MAX_CHAT_ROWS} more chats`))
   }
   body.replaceChildren(...rows)
 }
@@ -175,7 +176,7 @@ function renderWorkers(stats) {
   const workers = stats.workers ?? []
   const body = $("workers-body")
   if (workers.length === 0) {
-    body.replaceChildren(el("tr", {class: "table-empty"}, el("td", {colspan: 7}, "No workers reported.")))
+    body.replaceChildren(emptyRow(7, "No workers reported."))
     return
   }
   let totalRate = 0
@@ -205,7 +206,9 @@ function renderWorkers(stats) {
   })
   body.replaceChildren(...rows)
   $("messages-rate").textContent =
-    samples.length < 2 ? "measuring message rate…" : `${formatNumber(totalRate, 1)} messages/s logged`
+    samples.length < 2
+      ? "measuring message rate…"
+      : `${formatNumber(totalRate, 1)} messages/s logged`
 
   const router = rate((sample) => sample.cpu?.router ?? null)
   const matchmaker = rate((sample) => sample.cpu?.matchmaker ?? null)
@@ -236,7 +239,11 @@ async function poll() {
     hideNotice()
   } catch (error) {
     setConnection("error", "Stale")
-    showNotice("warning", "Could not load the server statistics.", `${error.message}. Retrying every second.`)
+    showNotice(
+      "warning",
+      "Could not load the server statistics.",
+      `${error.message}. Retrying every second.`,
+    )
   } finally {
     setTimeout(poll, POLL_MS)
   }

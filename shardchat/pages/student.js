@@ -55,7 +55,8 @@ function setStatus(status, positionText = "") {
   }
   elements.ready.disabled = !state.joined || status !== Status.IDLE
   if (status === Status.WAITING) {
-    elements.queueText.textContent = "You are in the queue. A chat opens here when a teacher claims you."
+    elements.queueText.textContent =
+      "You are in the queue. A chat opens here when a teacher claims you."
     schedulePositionPoll()
   } else {
     clearTimeout(state.pollTimer)
@@ -151,7 +152,7 @@ function openChat(chat) {
   const socket = openSocket(
     {token: chat.token, chat: chat.id},
     {
-      onRefused: (message) => {
+      onRejected: (message) => {
         setChatState("error", "Not connected")
         transcript.note(message)
       },
@@ -229,7 +230,7 @@ function start({token, userId}) {
   const socket = openSocket(
     {token},
     {
-      onRefused: (message) => {
+      onRejected: (message) => {
         setConnection("error", "Not connected")
         showNotice("error", message, tokenHint("student"))
         state.joined = false
@@ -258,7 +259,11 @@ function start({token, userId}) {
     },
     onError: (reason) => {
       setConnection("error", "Not joined")
-      showNotice("error", `The server did not let this page join the queue: ${reason}.`, tokenHint("student"))
+      showNotice(
+        "error",
+        `The server did not let this page join the queue: ${reason}.`,
+        tokenHint("student"),
+      )
     },
   })
 

@@ -88,7 +88,8 @@ async function claimNext() {
     elements.claimStatus.textContent = `Claimed ${chat.student_id}.`
     openChat(chat)
   } catch (error) {
-    elements.claimStatus.textContent = CLAIM_ERRORS[error.message] ?? `Claim failed: ${error.message}.`
+    elements.claimStatus.textContent =
+      CLAIM_ERRORS[error.message] ?? `Claim failed: ${error.message}.`
   } finally {
     state.claiming = false
     updateClaimButton()
@@ -154,7 +155,18 @@ function buildPane(chat) {
     form,
     actions,
   )
-  return {chat, element, transcript, stateBadge, textarea, send, form, endButton, actions, ended: false}
+  return {
+    chat,
+    element,
+    transcript,
+    stateBadge,
+    textarea,
+    send,
+    form,
+    endButton,
+    actions,
+    ended: false,
+  }
 }
 
 function endPane(pane, note) {
@@ -182,7 +194,7 @@ function openChat(chat) {
   pane.socket = openSocket(
     {token: chat.token, chat: chat.id},
     {
-      onRefused: (message) => endPane(pane, message),
+      onRejected: (message) => endPane(pane, message),
       onState: (socketState) => {
         if (socketState === "reconnecting" && !pane.ended) {
           setPaneState(pane, "waiting", "Reconnecting…")
@@ -265,7 +277,7 @@ function start({token, userId}) {
   const socket = openSocket(
     {token},
     {
-      onRefused: (message) => {
+      onRejected: (message) => {
         setConnection("error", "Not connected")
         showNotice("error", message, tokenHint("teacher"))
       },
@@ -298,7 +310,11 @@ function start({token, userId}) {
     },
     onError: (reason) => {
       setConnection("error", "Not joined")
-      showNotice("error", `The server did not let this page join as a teacher: ${reason}.`, tokenHint("teacher"))
+      showNotice(
+        "error",
+        `The server did not let this page join as a teacher: ${reason}.`,
+        tokenHint("teacher"),
+      )
     },
   })
   elements.claim.addEventListener("click", claimNext)

@@ -23,6 +23,7 @@ def main() -> None:
         "--peer-fds", default="", help="links to other workers: SLOT:FD,SLOT:FD"
     )
     parser.add_argument("--idle-timeout", type=float, default=server.IDLE_TIMEOUT_S)
+    parser.add_argument("--insecure-join-identity", action="store_true")
     parser.add_argument("--parent-pid", type=int, required=True)
     parser.add_argument("--log-level", default="info")
     args = parser.parse_args()
@@ -45,6 +46,7 @@ def main() -> None:
         args.ws_engine,
         args.idle_timeout,
         peers,
+        args.insecure_join_identity,
     )
 
 

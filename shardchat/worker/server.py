@@ -80,6 +80,7 @@ class Worker:
         # Connections of peer workers whose chats live here: (slot, id) -> proxy.
         self.proxies: dict[tuple[int, int], ClientConnection] = {}
         self.frames_forwarded = 0
+        self.insecure_join_identity = False
         self.connection_nursery: trio.Nursery | None = None
 
     # Chats.
@@ -393,9 +394,11 @@ async def run(
     ws_engine: str,
     idle_timeout: float = IDLE_TIMEOUT_S,
     peers: dict[int, socket.socket] | None = None,
+    insecure_join_identity: bool = False,
 ) -> None:
     """Run a worker until SIGTERM, then close connections and flush the log."""
     worker = Worker(slot, slots, secret, data_dir, ws_engine, idle_timeout)
+    worker.insecure_join_identity = insecure_join_identity
     link = Link(matchmaker, f"worker {slot} -> matchmaker")
     log.info("slot %d: worker started (engine %s)", slot, ws_engine)
     with trio.open_signal_receiver(signal.SIGTERM) as signals:

@@ -59,11 +59,11 @@ function sleep(ms) {
   return new Promise((resolve) => setTimeout(resolve, ms))
 }
 
-/** Settle with `promise`, or reject once `ms` pass, naming what was awaited. */
-async function within(promise, ms, what) {
+/** Settle with `promise`, or reject once `ms` pass, naming the `awaited` step. */
+async function within(promise, ms, awaited) {
   let timer
   const timeout = new Promise((_, reject) => {
-    timer = setTimeout(() => reject(new Error(`timed out after ${ms} ms: ${what}`)), ms)
+    timer = setTimeout(() => reject(new Error(`timed out after ${ms} ms: ${awaited}`)), ms)
   })
   try {
     return await Promise.race([promise, timeout])
@@ -73,7 +73,7 @@ async function within(promise, ms, what) {
 }
 
 /** Poll `predicate` until it returns a truthy value, for at most `ms`. */
-async function waitUntil(predicate, ms, what) {
+async function waitUntil(predicate, ms, awaited) {
   const deadline = Date.now() + ms
   for (;;) {
     const value = predicate()
@@ -81,7 +81,7 @@ async function waitUntil(predicate, ms, what) {
       return value
     }
     if (Date.now() >= deadline) {
-      throw new Error(`timed out after ${ms} ms: ${what}`)
+      throw new Error(`timed out after ${ms} ms: ${awaited}`)
     }
     await sleep(POLL_MS)
   }
@@ -226,7 +226,7 @@ async function fetchJson(server, path) {
  * Wait until no student of an earlier test is waiting, so that the next claim
  * takes the student of this test.
  */
-async function queueDrained(server) {
+async function waitForEmptyQueue(server) {
   const deadline = Date.now() + STEP_MS
   for (;;) {
     const stats = await fetchJson(server, "/stats")
@@ -242,7 +242,7 @@ async function queueDrained(server) {
 
 /** Claim the only waiting student and join the chat as both participants. */
 async function startChat(t, name) {
-  await queueDrained(MAIN)
+  await waitForEmptyQueue(MAIN)
   const teacher = await joinTeacher(t, MAIN, `${RUN}-${name}-teacher`)
   const student = await joinStudent(t, MAIN, `${RUN}-${name}-student`)
   const ready = await request(student.channel, "student:ready")
@@ -328,14 +328,14 @@ describe("channels", () => {
     const token = mintToken(MAIN, `${RUN}-intruder`, "student")
     const {socket} = await connected(t, MAIN, {params: {token}})
     const channel = socket.channel("presence:teachers", {})
-    const refused = new Promise((resolve, reject) => {
+    const rejected = new Promise((resolve, reject) => {
       channel
         .join(STEP_MS)
         .receive("ok", () => reject(new Error("a student joined presence:teachers")))
         .receive("error", resolve)
         .receive("timeout", () => reject(new Error("join timed out")))
     })
-    const response = await within(refused, STEP_MS, "join error reply")
+    const response = await within(rejected, STEP_MS, "join error reply")
     // phoenix.js would retry the join on its rejoin timer; leaving stops that.
     channel.leave()
 
@@ -347,14 +347,14 @@ describe("channels", () => {
     const token = mintToken(MAIN, `${RUN}-nosy`, "student")
     const {socket} = await connected(t, MAIN, {params: {token}})
     const channel = socket.channel(`presence:student:${RUN}-someone-else`, {})
-    const refused = new Promise((resolve, reject) => {
+    const rejected = new Promise((resolve, reject) => {
       channel
         .join(STEP_MS)
         .receive("ok", () => reject(new Error("joined another student's topic")))
         .receive("error", resolve)
         .receive("timeout", () => reject(new Error("join timed out")))
     })
-    const response = await within(refused, STEP_MS, "join error reply")
+    const response = await within(rejected, STEP_MS, "join error reply")
     channel.leave()
 
     assert.deepEqual(response, {reason: "unauthorized"})
@@ -397,7 +397,7 @@ describe("heartbeats", () => {
 
 describe("pushes", () => {
   test("claim with no students waiting gets an error reply", {timeout: 15_000}, async (t) => {
-    await queueDrained(MAIN)
+    await waitForEmptyQueue(MAIN)
     const teacher = await joinTeacher(t, MAIN, `${RUN}-lonely-teacher`)
     const claim = await request(teacher.channel, "claim:student")
 
@@ -405,7 +405,7 @@ describe("pushes", () => {
   })
 
   test("student queue pushes get replies", {timeout: 15_000}, async (t) => {
-    await queueDrained(MAIN)
+    await waitForEmptyQueue(MAIN)
     const student = await joinStudent(t, MAIN, `${RUN}-queue-student`)
 
     const before = await request(student.channel, "queue:position")
@@ -419,7 +419,7 @@ describe("pushes", () => {
   })
 
   test("claim delivers the chat to both sides", {timeout: 15_000}, async (t) => {
-    await queueDrained(MAIN)
+    await waitForEmptyQueue(MAIN)
     const teacher = await joinTeacher(t, MAIN, `${RUN}-claim-teacher`)
     const student = await joinStudent(t, MAIN, `${RUN}-claim-student`)
     await request(student.channel, "student:ready")
@@ -495,9 +495,8 @@ describe("server-side close", () => {
 })
 
 /**
- * A teacher bot: claims students until `claims.length` reaches `total`, and runs
- * each claimed chat: sends `count` messages at once, waits for the student's
- * reply to each, then ends the chat.
+ * Run a teacher bot: claim students until `claims.length` reaches `total`, and
+ * run each claimed chat with `teach`. Resolve with every chat's outcome.
  */
 async function runTeacher(t, teacher, claims, total, count, deadline) {
   const conversations = []
@@ -518,6 +517,10 @@ async function runTeacher(t, teacher, claims, total, count, deadline) {
   return Promise.all(conversations)
 }
 
+/**
+ * Send `count` messages at once, wait for the student's answer to each, then
+ * end the chat and wait for its channel to close.
+ */
 async function teach(t, chat, count) {
   const side = await joinChat(t, MAIN, chat, "teacher")
   await waitUntil(() => side.ready.length > 0, STEP_MS, `chat:ready in ${chat.id}`)
@@ -531,18 +534,18 @@ async function teach(t, chat, count) {
   return {chat, received: side.received}
 }
 
-/** A student bot's chat: answer each question as it arrives until the chat closes. */
+/** Run a student bot's chat: answer each question as it arrives until the chat closes. */
 async function learn(t, chat) {
   const answer = (channel, payload) => {
     channel.push("student:send", {message: `answer to ${payload.message}`}, SEND_TIMEOUT_MS)
   }
   const side = await joinChat(t, MAIN, chat, "student", answer)
-  // A student may have answered nothing yet: it waits for the teacher's end.
+  // The teacher ends the chat after the last answer, which closes this channel.
   await waitUntil(() => side.closes.length > 0, 30_000, `student close of ${chat.id}`)
   return {chat, received: side.received, terminated: side.terminated}
 }
 
-/** Fetch a chat's log once it is ended and holds `count` messages. */
+/** Fetch a chat's log once it is ended and contains `count` messages. */
 async function committedChatLog(chatId, count) {
   const deadline = Date.now() + STEP_MS
   for (;;) {
@@ -563,7 +566,7 @@ describe("tutoring workload", () => {
     const studentCount = 8
     const count = 5
     const deadline = Date.now() + 40_000
-    await queueDrained(MAIN)
+    await waitForEmptyQueue(MAIN)
     const teachers = []
     for (let i = 1; i <= teacherCount; i += 1) {
       teachers.push(await joinTeacher(t, MAIN, `${RUN}-workload-teacher-${i}`))
@@ -583,9 +586,10 @@ describe("tutoring workload", () => {
       assert.equal(ready.status, "ok", `student:ready reply ${JSON.stringify(ready)}`)
     }
     const claims = []
-    const taught = (
-      await Promise.all(teachers.map((teacher) => runTeacher(t, teacher, claims, studentCount, count, deadline)))
-    ).flat()
+    const teaching = teachers.map((teacher) =>
+      runTeacher(t, teacher, claims, studentCount, count, deadline),
+    )
+    const taught = (await Promise.all(teaching)).flat()
     const learned = await Promise.all(learning)
 
     // Every student got exactly one chat, with one of the teachers.
@@ -634,7 +638,7 @@ describe("tutoring workload", () => {
       assert.deepEqual(studentSide.terminated, [{reason: "teacher_ended"}])
     }
 
-    // The chat log holds every message in seq order once the batch commits.
+    // The chat log contains every message in seq order once the batch commits.
     for (const chat of claims) {
       const log = await committedChatLog(chat.id, 2 * count)
       assert.equal(log.chat.end_reason, "teacher_ended")
