@@ -26,7 +26,9 @@ def find_worker(server_pid: int, timeout_s: float = 30.0) -> int:
     while time.monotonic() < deadline:
         children = subprocess.run(
             ["ps", "--ppid", str(server_pid), "-o", "pid=,args="],
-            capture_output=True, text=True, check=False,
+            capture_output=True,
+            text=True,
+            check=False,
         ).stdout.splitlines()
         for line in children:
             pid, _, args = line.strip().partition(" ")
@@ -56,10 +58,22 @@ def main() -> int:
     args.out.mkdir(parents=True, exist_ok=True)
 
     bench = subprocess.Popen(
-        [sys.executable, "-m", "shardchat", "bench", "--workers", "1",
-         "--students", str(args.students), "--ws-engine", args.ws_engine,
-         "--json", str(args.out / "bench.json")],
-        stderr=subprocess.PIPE, text=True,
+        [
+            sys.executable,
+            "-m",
+            "shardchat",
+            "bench",
+            "--workers",
+            "1",
+            "--students",
+            str(args.students),
+            "--ws-engine",
+            args.ws_engine,
+            "--json",
+            str(args.out / "bench.json"),
+        ],
+        stderr=subprocess.PIPE,
+        text=True,
     )
     server_pid = None
     for line in bench.stderr:
@@ -77,10 +91,23 @@ def main() -> int:
     stem = args.out / f"worker-{args.ws_engine}"
     for output_format, suffix in (("flamegraph", ".svg"), ("raw", ".txt")):
         subprocess.run(
-            [str(py_spy), "record", "--pid", str(worker), "--duration",
-             str(args.duration // 2), "--rate", "200", "--format", output_format,
-             "--output", str(stem.with_suffix(suffix)), "--nonblocking"],
-            check=True, capture_output=True,
+            [
+                str(py_spy),
+                "record",
+                "--pid",
+                str(worker),
+                "--duration",
+                str(args.duration // 2),
+                "--rate",
+                "200",
+                "--format",
+                output_format,
+                "--output",
+                str(stem.with_suffix(suffix)),
+                "--nonblocking",
+            ],
+            check=True,
+            capture_output=True,
         )
     for line in bench.stderr:
         sys.stderr.write(line)

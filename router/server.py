@@ -14,9 +14,9 @@ import array
 import base64
 import binascii
 import itertools
-import os
 import json
 import logging
+import os
 import re
 import secrets
 import signal
@@ -47,7 +47,11 @@ PAGES = {
     "/teacher": "teacher.html",
     "/dashboard": "dashboard.html",
 }
-ASSET_PATH = re.compile(r"^/assets/([A-Za-z0-9_.-]{1,64})$")
+# Only page files are served: the npm manifest and lock file in the same
+# folder are not.
+ASSET_PATH = re.compile(
+    r"^/assets/([A-Za-z0-9_-][A-Za-z0-9_.-]{0,63}\.(?:html|js|css|png|svg))$"
+)
 PHOENIX_JS = Path("node_modules") / "phoenix" / "priv" / "static" / "phoenix.js"
 CONTENT_TYPES = {
     ".html": "text/html; charset=utf-8",
@@ -137,9 +141,7 @@ class Router:
             await _send(client, await self.file_response(PAGES[request.path]))
         elif request.path == "/vendor/phoenix.js":
             await _send(client, await self.phoenix_js_response())
-        elif (match := ASSET_PATH.match(request.path)) is not None and not (
-            match.group(1).startswith(".")
-        ):
+        elif (match := ASSET_PATH.match(request.path)) is not None:
             await _send(client, await self.file_response(match.group(1)))
         else:
             await _send(client, http.text_response(404, f"not found: {request.path}"))
@@ -151,7 +153,9 @@ class Router:
         with trio.move_on_after(HEAD_TIMEOUT_S):
             while not http.head_length(buffer):
                 if len(buffer) > http.MAX_HEAD_BYTES:
-                    await _send(client, http.text_response(431, "request head too large"))
+                    await _send(
+                        client, http.text_response(431, "request head too large")
+                    )
                     return None
                 data = await client.recv(READ_SIZE)
                 if not data:
@@ -182,8 +186,12 @@ class Router:
         key = identity.chat_id if identity.chat_id is not None else identity.user_id
         slot = placement.place(key, self.slots)
         message = msgpack.packb(
-            {"head": received, "identity": list(identity), "vsn": vsn,
-             "peer": f"{address[0]}:{address[1]}"}
+            {
+                "head": received,
+                "identity": list(identity),
+                "vsn": vsn,
+                "peer": f"{address[0]}:{address[1]}",
+            }
         )
         fds = array.array("i", [client.fileno()])
         try:
@@ -208,11 +216,14 @@ class Router:
                 an unsupported serializer version.
         """
         if request.method != "GET" or not request.is_websocket_upgrade():
-            raise HandshakeError(400, "expected a websocket upgrade (GET with Upgrade: websocket)")
+            raise HandshakeError(
+                400, "expected a websocket upgrade (GET with Upgrade: websocket)"
+            )
         vsn = request.query.get("vsn", phoenix.SERIALIZER_V1)
         if vsn not in phoenix.SERIALIZERS:
             raise HandshakeError(
-                403, f"unsupported serializer vsn {vsn!r}: expected one of {', '.join(phoenix.SERIALIZERS)}"
+                403,
+                f"unsupported serializer vsn {vsn!r}: expected one of {', '.join(phoenix.SERIALIZERS)}",
             )
         token = request.query.get("token") or _bearer_token(request)
         if not token and self.insecure_join_identity:
@@ -240,7 +251,9 @@ class Router:
             return http.text_response(503, "matchmaker did not answer in time")
         stats["cpu_s"] = self.cpu_seconds()
         stats["router"] = {"handed_off": self.handed_off}
-        return http.response(200, json.dumps(stats).encode(), content_type="application/json")
+        return http.response(
+            200, json.dumps(stats).encode(), content_type="application/json"
+        )
 
     async def request_stats(self) -> dict[str, Any]:
         request_id = next(self._request_ids)
@@ -265,8 +278,13 @@ class Router:
         matchmaker = process.cpu_seconds(self.pids["matchmaker"]) or 0.0
         workers = [process.cpu_seconds(pid) or 0.0 for pid in self.pids["workers"]]
         total = router + matchmaker + sum(workers)
-        return {"router": router, "matchmaker": matchmaker, "workers": workers,
-                "workers_total": sum(workers), "total": total}
+        return {
+            "router": router,
+            "matchmaker": matchmaker,
+            "workers": workers,
+            "workers_total": sum(workers),
+            "total": total,
+        }
 
     async def chat_log_response(self, chat_id: str) -> bytes:
         chat = await trio.to_thread.run_sync(
@@ -274,8 +292,9 @@ class Router:
         )
         if chat is None:
             return http.text_response(404, f"chat not found: {chat_id}")
-        return http.response(200, json.dumps(chat).encode(), content_type="application/json")
-
+        return http.response(
+            200, json.dumps(chat).encode(), content_type="application/json"
+        )
 
     async def file_response(self, name: str) -> bytes:
         path = self.pages_dir / name
@@ -303,9 +322,11 @@ def _bearer_token(request: http.Request) -> str | None:
     for item in request.headers.get("sec-websocket-protocol", "").split(","):
         item = item.strip()
         if item.startswith(BEARER_PREFIX):
-            encoded = item[len(BEARER_PREFIX):]
+            encoded = item[len(BEARER_PREFIX) :]
             try:
-                return base64.urlsafe_b64decode(encoded + "=" * (-len(encoded) % 4)).decode()
+                return base64.urlsafe_b64decode(
+                    encoded + "=" * (-len(encoded) % 4)
+                ).decode()
             except (binascii.Error, UnicodeDecodeError):
                 return None
     return None
@@ -331,7 +352,15 @@ async def run(
 ) -> None:
     """Run the router until SIGTERM."""
     link = Link(matchmaker, "router -> matchmaker")
-    router = Router(handoffs, link, secret, data_dir, pids, socket_path, insecure_join_identity=insecure_join_identity)
+    router = Router(
+        handoffs,
+        link,
+        secret,
+        data_dir,
+        pids,
+        socket_path,
+        insecure_join_identity=insecure_join_identity,
+    )
     log.info("router started for %d worker slots", len(handoffs))
     with trio.open_signal_receiver(signal.SIGTERM) as signals:
         async with trio.open_nursery() as nursery:

@@ -137,7 +137,9 @@ class ChatLog:
             connection.execute("COMMIT")
         except sqlite3.Error:
             connection.execute("ROLLBACK")
-            log.exception("slot %d: chat log commit of %d rows failed", self.slot, len(batch))
+            log.exception(
+                "slot %d: chat log commit of %d rows failed", self.slot, len(batch)
+            )
             raise
         self.rows_written += len(batch)
         if log.isEnabledFor(logging.DEBUG):
@@ -166,14 +168,19 @@ def read_chat(data_dir: Path, slots: int | None, chat_id: str) -> dict | None:
         connection = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
         try:
             connection.row_factory = sqlite3.Row
-            row = connection.execute("SELECT * FROM chats WHERE id = ?", (chat_id,)).fetchone()
+            row = connection.execute(
+                "SELECT * FROM chats WHERE id = ?", (chat_id,)
+            ).fetchone()
             if row is None:
                 continue
             messages = connection.execute(
                 "SELECT seq, sender, body, sent_at FROM messages WHERE chat_id = ? ORDER BY seq",
                 (chat_id,),
             ).fetchall()
-            return {"chat": dict(row), "messages": [dict(message) for message in messages]}
+            return {
+                "chat": dict(row),
+                "messages": [dict(message) for message in messages],
+            }
         finally:
             connection.close()
     return None

@@ -68,7 +68,9 @@ def decode_v2(text: str | bytes) -> Message:
     except orjson.JSONDecodeError as exc:
         raise ProtocolError(f"invalid JSON frame: {exc}") from None
     if type(value) is not list or len(value) != 5:
-        raise ProtocolError("invalid frame: expected [join_ref, ref, topic, event, payload]")
+        raise ProtocolError(
+            "invalid frame: expected [join_ref, ref, topic, event, payload]"
+        )
     return _check(*value)
 
 

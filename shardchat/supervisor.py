@@ -113,12 +113,16 @@ class Supervisor:
             ],
             [pair[1].fileno() for pair in matchmaker_pairs] + [router_pair[1].fileno()],
         )
-        insecure = ["--insecure-join-identity"] if options.insecure_join_identity else []
+        insecure = (
+            ["--insecure-join-identity"] if options.insecure_join_identity else []
+        )
         workers = []
         for slot in range(slots):
             handoff, link = handoff_pairs[slot][1], matchmaker_pairs[slot][0]
             peers = peer_ends[slot]
-            peer_fds = ",".join(f"{other}:{end.fileno()}" for other, end in peers.items())
+            peer_fds = ",".join(
+                f"{other}:{end.fileno()}" for other, end in peers.items()
+            )
             workers.append(
                 self.spawn(
                     f"worker {slot}",

@@ -82,7 +82,7 @@ class Connection(typing.Protocol):
         ...
 
     async def close(self, code: int = CloseCode.NORMAL, reason: str = "") -> None:
-        """Run the close handshake and close the socket; later calls wait or return."""
+        """Run the close handshake and close the socket. Later calls wait for it."""
         ...
 
 
@@ -123,8 +123,8 @@ async def serve(
 
     initial_data are the bytes already read from sock: the request head, maybe
     followed by early frames, or only part of the head, or nothing. An invalid
-    request is answered with an HTTP error status (400 in most cases) and the
-    handler is not called. select_subprotocol may raise HandshakeError to answer
+    request gets an HTTP error response (400 in most cases) and the handler is
+    not called. select_subprotocol may raise HandshakeError to answer
     the request with that status instead, for example 403 for a bad token.
 
     When the handler returns, the connection is closed with NORMAL. When it
@@ -141,10 +141,10 @@ async def serve(
         select_subprotocol: returns one of request.subprotocols, or None.
         handshake_timeout: maximum seconds to receive and answer the request.
         close_timeout: maximum seconds to wait for the peer's close frame.
-        max_message_size: maximum size of a received message in bytes; a larger
+        max_message_size: maximum size of a received message in bytes. A larger
             message closes the connection with MESSAGE_TOO_BIG.
-        send_buffer_limit: maximum bytes waiting to be sent; past it the peer is
-            a slow reader and the connection is aborted with POLICY_VIOLATION.
+        send_buffer_limit: maximum bytes waiting to be sent. Past it the peer is
+            a slow reader, and the connection is aborted with POLICY_VIOLATION.
 
     Raises:
         ValueError: engine is not one of ENGINES.
@@ -165,7 +165,7 @@ async def serve(
             ) as connection:
                 await _run_handler(handler, connection)
         except HandshakeError:
-            # The engine has answered the request and logged the rejection.
+            # The engine has sent the error response and logged the rejection.
             pass
         except Exception:
             _log.exception(
@@ -247,7 +247,7 @@ async def connect(
             connection is aborted.
 
     Raises:
-        HandshakeError: the server answered with a status other than 101
+        HandshakeError: the server responded with a status other than 101
             (status is that status), or its response was invalid (status 0).
         TimeoutError: connect_timeout passed.
         OSError: the TCP connection failed.

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import re
 import signal
 import subprocess
@@ -61,9 +60,24 @@ def start_server(tmp_path: Path, *extra: str, workers: int = 2) -> Server:
     log_path = tmp_path / "server.log"
     log_file = open(log_path, "wb")
     process = subprocess.Popen(
-        [sys.executable, "-m", "shardchat", "serve", "--workers", str(workers),
-         "--host", "127.0.0.1", "--port", "0", "--data-dir", str(data_dir), *extra],
-        stdout=subprocess.PIPE, stderr=log_file, text=True,
+        [
+            sys.executable,
+            "-m",
+            "shardchat",
+            "serve",
+            "--workers",
+            str(workers),
+            "--host",
+            "127.0.0.1",
+            "--port",
+            "0",
+            "--data-dir",
+            str(data_dir),
+            *extra,
+        ],
+        stdout=subprocess.PIPE,
+        stderr=log_file,
+        text=True,
     )
     log_file.close()
     line = process.stdout.readline()
@@ -73,7 +87,9 @@ def start_server(tmp_path: Path, *extra: str, workers: int = 2) -> Server:
         process.wait()
         raise RuntimeError(f"server did not start: {line!r}\n{log_path.read_text()}")
     secret = tokens.load_secret(data_dir / "secret")
-    return Server(process, match.group(1), int(match.group(2)), data_dir, secret, log_path)
+    return Server(
+        process, match.group(1), int(match.group(2)), data_dir, secret, log_path
+    )
 
 
 def stop_server(server: Server) -> int:

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import itertools
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from typing import Any, AsyncIterator
+from typing import Any
 
 import trio
 
@@ -25,9 +26,17 @@ class PhoenixClient:
     def next_ref(self) -> str:
         return str(next(self._refs))
 
-    def send(self, join_ref: str | None, ref: str | None, topic: str, event: str,
-             payload: Any) -> None:
-        self.connection.send(phoenix.encode_v2(Message(join_ref, ref, topic, event, payload)))
+    def send(
+        self,
+        join_ref: str | None,
+        ref: str | None,
+        topic: str,
+        event: str,
+        payload: Any,
+    ) -> None:
+        self.connection.send(
+            phoenix.encode_v2(Message(join_ref, ref, topic, event, payload))
+        )
 
     async def receive(self) -> Message:
         with trio.fail_after(TIMEOUT_S):
@@ -45,8 +54,9 @@ class PhoenixClient:
                     return message
                 self.inbox.append(message)
 
-    async def request(self, join_ref: str | None, topic: str, event: str,
-                      payload: Any = None) -> Message:
+    async def request(
+        self, join_ref: str | None, topic: str, event: str, payload: Any = None
+    ) -> Message:
         """Push and wait for the reply with the same ref."""
         ref = self.next_ref()
         self.send(join_ref, ref, topic, event, {} if payload is None else payload)
@@ -56,7 +66,9 @@ class PhoenixClient:
 
     async def join(self, topic: str, payload: Any = None) -> tuple[str, Message]:
         join_ref = self.next_ref()
-        self.send(join_ref, join_ref, topic, "phx_join", {} if payload is None else payload)
+        self.send(
+            join_ref, join_ref, topic, "phx_join", {} if payload is None else payload
+        )
         reply = await self.expect(
             lambda message: message.event == "phx_reply" and message.ref == join_ref
         )

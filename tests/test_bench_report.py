@@ -417,6 +417,7 @@ SUMMARY_KEYS = {
     "client_cpu_s",
     "server_cpu_us_per_relay",
     "ws_engine",
+    "layout",
     "client_errors",
     "client_error_count",
     "problems",

@@ -11,12 +11,20 @@ from __future__ import annotations
 import json
 import shutil
 import subprocess
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 from conftest import Server, start_server, stop_server
-from playwright.sync_api import Browser, Page, expect, sync_playwright
+from playwright.sync_api import (
+    Browser,
+    BrowserContext,
+    ConsoleMessage,
+    Locator,
+    Page,
+    expect,
+    sync_playwright,
+)
 
 from shardchat import tokens
 
@@ -91,15 +99,16 @@ class PageErrors:
         self.errors: list[str] = []
 
     def watch(self, page: Page) -> Page:
-        page.on("pageerror", lambda error: self.errors.append(f"{page.url}: {error}"))
-        page.on(
-            "console",
-            lambda message: (
-                message.type == "error"
-                and self.errors.append(f"{page.url}: console: {message.text}")
-            ),
-        )
+        page.on("pageerror", lambda error: self.on_page_error(page, error))
+        page.on("console", lambda message: self.on_console(page, message))
         return page
+
+    def on_page_error(self, page: Page, error: Exception) -> None:
+        self.errors.append(f"{page.url}: {error}")
+
+    def on_console(self, page: Page, message: ConsoleMessage) -> None:
+        if message.type == "error":
+            self.errors.append(f"{page.url}: console: {message.text}")
 
 
 @pytest.fixture
@@ -107,12 +116,24 @@ def page_errors() -> PageErrors:
     return PageErrors()
 
 
-def open_page(browser: Browser, errors: PageErrors, url: str, viewport: dict) -> Page:
-    """Open `url` in a fresh browser context, so each user has its own storage."""
-    context = browser.new_context(viewport=viewport)
-    page = errors.watch(context.new_page())
-    page.goto(url)
-    return page
+@pytest.fixture
+def open_page(browser, page_errors) -> Iterator[Callable[[str, dict], Page]]:
+    """Open URLs, each in a fresh browser context so each user has its own storage.
+
+    The contexts close when the test ends.
+    """
+    contexts: list[BrowserContext] = []
+
+    def open_url(url: str, viewport: dict) -> Page:
+        context = browser.new_context(viewport=viewport)
+        contexts.append(context)
+        page = page_errors.watch(context.new_page())
+        page.goto(url)
+        return page
+
+    yield open_url
+    for context in contexts:
+        context.close()
 
 
 def screenshot(page: Page, name: str) -> None:
@@ -133,7 +154,8 @@ def chat_log(server: Server, chat_id: str) -> dict:
     return json.loads(body)
 
 
-def send(page: Page, scope, text: str) -> None:
+def send(scope: Locator, text: str) -> None:
+    """Type `text` into the message box inside `scope` and send it with Enter."""
     box = scope.locator("textarea")
     expect(box).to_be_enabled()
     box.fill(text)
@@ -141,11 +163,9 @@ def send(page: Page, scope, text: str) -> None:
     expect(box).to_have_value("")
 
 
-def test_pages_tutoring_end_to_end(browser, page_server, page_errors):
+def test_pages_tutoring_end_to_end(open_page, page_server, page_errors):
     url = page_server.url
     teacher = open_page(
-        browser,
-        page_errors,
         f"{url}/teacher?token={page_server.token(TEACHER, 'teacher')}",
         WIDE,
     )
@@ -157,7 +177,7 @@ def test_pages_tutoring_end_to_end(browser, page_server, page_errors):
     students = {}
     for student_id in STUDENTS:
         token = page_server.token(student_id, "student")
-        page = open_page(browser, page_errors, f"{url}/student?token={token}", NARROW)
+        page = open_page(f"{url}/student?token={token}", NARROW)
         expect(page.locator("#connection")).to_have_text("Connected")
         page.get_by_role("button", name="Ready").click()
         students[student_id] = page
@@ -189,19 +209,19 @@ def test_pages_tutoring_end_to_end(browser, page_server, page_errors):
         expect(page.locator("#chat-title")).to_have_text(f"Chat with {TEACHER}")
         expect(page.locator("#chat-state")).to_have_text("Live")
         question = f"Hi {student_id}, what is 7 × 8?"
-        send(teacher, panes[student_id], question)
+        send(panes[student_id], question)
         expect(page.locator(".message-theirs .message-body")).to_have_text([question])
-        send(page, page.locator("#composer"), "It is 56.")
+        send(page.locator("#composer"), "It is 56.")
         expect(panes[student_id].locator(".message-theirs .message-body")).to_have_text(
             ["It is 56."]
         )
-        send(teacher, panes[student_id], "Correct, well done!")
+        send(panes[student_id], "Correct, well done!")
         expect(page.locator(".message-theirs .message-body")).to_have_text(
             [question, "Correct, well done!"]
         )
         expect(page.locator(".message-mine .message-body")).to_have_text(["It is 56."])
 
-    dashboard = open_page(browser, page_errors, f"{url}/dashboard", WIDE)
+    dashboard = open_page(f"{url}/dashboard", WIDE)
     expect(dashboard.locator("#connection")).to_have_text("Live")
     expect(dashboard.locator("#teachers-total")).to_have_text("1")
     expect(dashboard.locator("#teachers-detail")).to_have_text("1 in chats · 0 free")
@@ -260,8 +280,8 @@ def test_pages_tutoring_end_to_end(browser, page_server, page_errors):
     assert page_errors.errors == []
 
 
-def test_pages_index_links(browser, page_server, page_errors):
-    page = open_page(browser, page_errors, page_server.url + "/", NARROW)
+def test_pages_index_links(open_page, page_server, page_errors):
+    page = open_page(page_server.url + "/", NARROW)
 
     links = page.locator("ul.links a")
     expect(links).to_have_count(3)
@@ -276,8 +296,8 @@ def test_pages_index_links(browser, page_server, page_errors):
 
 
 @pytest.mark.parametrize("role", ["student", "teacher"])
-def test_pages_missing_token_notice(browser, page_server, page_errors, role):
-    page = open_page(browser, page_errors, f"{page_server.url}/{role}", NARROW)
+def test_pages_missing_token_notice(open_page, page_server, page_errors, role):
+    page = open_page(f"{page_server.url}/{role}", NARROW)
 
     notice = page.get_by_role("alert")
     expect(notice.locator("strong")).to_have_text(
@@ -289,11 +309,9 @@ def test_pages_missing_token_notice(browser, page_server, page_errors, role):
     assert page_errors.errors == []
 
 
-def test_pages_wrong_role_notice(browser, page_server, page_errors):
+def test_pages_wrong_role_notice(open_page, page_server, page_errors):
     token = page_server.token("student-dan", "student")
-    page = open_page(
-        browser, page_errors, f"{page_server.url}/teacher?token={token}", NARROW
-    )
+    page = open_page(f"{page_server.url}/teacher?token={token}", NARROW)
 
     expect(page.get_by_role("alert").locator("strong")).to_have_text(
         "This token is for a student, not a teacher."
@@ -301,11 +319,9 @@ def test_pages_wrong_role_notice(browser, page_server, page_errors):
     assert page_errors.errors == []
 
 
-def test_pages_rejected_token_notice(browser, page_server, page_errors):
+def test_pages_rejected_token_notice(open_page, page_server, page_errors):
     forged = tokens.mint(b"\x00" * tokens.SECRET_BYTES, "student-eve", "student")
-    page = open_page(
-        browser, page_errors, f"{page_server.url}/student?token={forged}", NARROW
-    )
+    page = open_page(f"{page_server.url}/student?token={forged}", NARROW)
 
     expect(page.get_by_role("alert").locator("strong")).to_have_text(
         "The server rejected the connection: the token is invalid or expired."

@@ -6,8 +6,8 @@ from contextlib import AsyncExitStack
 
 import pytest
 import trio
-
 from phx import PhoenixClient, connect
+
 from shardchat import chatlog, placement
 from shardchat.exceptions import HandshakeError
 
@@ -15,8 +15,8 @@ PRESENCE = "vsn=2.0.0&token={token}"
 CHAT = "vsn=2.0.0&token={token}&chat={chat}"
 
 
-async def wait_for(predicate, timeout: float = 10.0, interval: float = 0.05):
-    with trio.fail_after(timeout):
+async def wait_for(predicate, limit_s: float = 10.0, interval: float = 0.05):
+    with trio.fail_after(limit_s):
         while True:
             value = predicate()
             if value:
@@ -35,7 +35,9 @@ class Teacher:
         assert reply.payload["status"] == "ok"
 
     async def claim(self):
-        return await self.client.request(self.join_ref, "presence:teachers", "claim:student")
+        return await self.client.request(
+            self.join_ref, "presence:teachers", "claim:student"
+        )
 
 
 async def open_teacher(stack: AsyncExitStack, server, teacher_id: str) -> Teacher:
@@ -60,7 +62,9 @@ async def open_student(stack: AsyncExitStack, server, student_id: str, ready=Tru
     return client
 
 
-async def open_chat(stack: AsyncExitStack, server, chat: dict) -> tuple[PhoenixClient, str]:
+async def open_chat(
+    stack: AsyncExitStack, server, chat: dict
+) -> tuple[PhoenixClient, str]:
     client = await stack.enter_async_context(
         connect(server, CHAT.format(token=chat["token"], chat=chat["id"]))
     )
@@ -80,7 +84,9 @@ async def test_chat_full_conversation_logged(server):
         assert chat["student_id"] == "s1"
         pushed = await teacher.client.push_event("presence:teachers", "new:chat:t1")
         assert pushed.payload["id"] == chat["id"]
-        student_chat = (await student.push_event("presence:student:s1", "new:chat")).payload
+        student_chat = (
+            await student.push_event("presence:student:s1", "new:chat")
+        ).payload
         assert student_chat["id"] == chat["id"]
         assert student_chat["token"] != chat["token"]
 
@@ -91,12 +97,16 @@ async def test_chat_full_conversation_logged(server):
         await student_chat_client.push_event(topic, "chat:ready")
 
         for index in range(1, 4):
-            teacher_chat.send(teacher_ref, "10", topic, "teacher:send", {"message": f"q{index}"})
+            teacher_chat.send(
+                teacher_ref, "10", topic, "teacher:send", {"message": f"q{index}"}
+            )
             received = await student_chat_client.push_event(topic, "student:receive")
             assert received.payload["message"] == f"q{index}"
             assert received.payload["seq"] == 2 * index - 1
             assert received.payload["sent_at"] > 0
-            student_chat_client.send(student_ref, "11", topic, "student:send", {"message": f"a{index}"})
+            student_chat_client.send(
+                student_ref, "11", topic, "student:send", {"message": f"a{index}"}
+            )
             answer = await teacher_chat.push_event(topic, "teacher:receive")
             assert answer.payload["message"] == f"a{index}"
             assert answer.payload["seq"] == 2 * index
@@ -113,7 +123,14 @@ async def test_chat_full_conversation_logged(server):
         return found if found and found["chat"]["end_reason"] else None
 
     log = await wait_for(logged)
-    assert [row["body"] for row in log["messages"]] == ["q1", "a1", "q2", "a2", "q3", "a3"]
+    assert [row["body"] for row in log["messages"]] == [
+        "q1",
+        "a1",
+        "q2",
+        "a2",
+        "q3",
+        "a3",
+    ]
     assert [row["sender"] for row in log["messages"]] == ["teacher", "student"] * 3
     assert log["chat"]["end_reason"] == "teacher_ended"
     assert log["chat"]["message_count"] == 6
@@ -133,7 +150,9 @@ async def test_chat_student_cannot_join_other_chat(server):
                 pass
         assert info.value.status == 403
         # On a presence socket, joining the chat topic is unauthorized.
-        client = await stack.enter_async_context(connect(server, PRESENCE.format(token=intruder)))
+        client = await stack.enter_async_context(
+            connect(server, PRESENCE.format(token=intruder))
+        )
         _, reply = await client.join(f"chats:{chat['id']}")
         assert reply.payload["status"] == "error"
 
@@ -143,14 +162,22 @@ async def test_chat_student_cannot_send_teacher_events(server):
         teacher = await open_teacher(stack, server, "t1")
         student = await open_student(stack, server, "s1")
         chat = (await teacher.claim()).payload["response"]["chat"]
-        student_chat = (await student.push_event("presence:student:s1", "new:chat")).payload
+        student_chat = (
+            await student.push_event("presence:student:s1", "new:chat")
+        ).payload
         topic = f"chats:{chat['id']}"
         await open_chat(stack, server, chat)
         client, join_ref = await open_chat(stack, server, student_chat)
         reply = await client.request(join_ref, topic, "chat:terminate")
-        assert reply.payload == {"status": "error", "response": {"reason": "unauthorized"}}
+        assert reply.payload == {
+            "status": "error",
+            "response": {"reason": "unauthorized"},
+        }
         reply = await client.request(join_ref, topic, "teacher:send", {"message": "x"})
-        assert reply.payload == {"status": "error", "response": {"reason": "unauthorized"}}
+        assert reply.payload == {
+            "status": "error",
+            "response": {"reason": "unauthorized"},
+        }
 
 
 async def test_rule_fifo_order(server):
@@ -173,14 +200,20 @@ async def test_rule_teacher_max_five_chats(server):
         for _ in range(5):
             assert (await teacher.claim()).payload["status"] == "ok"
         reply = await teacher.claim()
-        assert reply.payload == {"status": "error", "response": {"reason": "too many chats"}}
+        assert reply.payload == {
+            "status": "error",
+            "response": {"reason": "too many chats"},
+        }
 
 
 async def test_rule_student_ready_twice(server):
     async with AsyncExitStack() as stack:
         client = await open_student(stack, server, "s1")
         reply = await client.request(None, "presence:student:s1", "student:ready")
-        assert reply.payload == {"status": "error", "response": {"reason": "already waiting"}}
+        assert reply.payload == {
+            "status": "error",
+            "response": {"reason": "already waiting"},
+        }
 
 
 async def test_rule_waiting_student_disconnect_leaves_queue(server):
@@ -191,7 +224,10 @@ async def test_rule_waiting_student_disconnect_leaves_queue(server):
         await wait_for(lambda: server.stats()["queue_length"] == 0)
         teacher = await open_teacher(stack, server, "t1")
         reply = await teacher.claim()
-        assert reply.payload == {"status": "error", "response": {"reason": "no students waiting"}}
+        assert reply.payload == {
+            "status": "error",
+            "response": {"reason": "no students waiting"},
+        }
 
 
 async def test_rule_student_disconnect_mid_chat_ends_chat(server):
@@ -222,7 +258,9 @@ async def test_rule_student_chat_socket_closed_ends_chat(server):
         teacher = await open_teacher(stack, server, "t1")
         student = await open_student(stack, server, "s1")
         chat = (await teacher.claim()).payload["response"]["chat"]
-        student_chat = (await student.push_event("presence:student:s1", "new:chat")).payload
+        student_chat = (
+            await student.push_event("presence:student:s1", "new:chat")
+        ).payload
         teacher_chat, _ = await open_chat(stack, server, chat)
         student_chat_client, _ = await open_chat(stack, server, student_chat)
         await student_chat_client.connection.close()
@@ -242,7 +280,9 @@ async def test_rule_teacher_disconnect_requeues_students_at_head(server):
         other = await open_teacher(stack, server, "t2")
         order = []
         for _ in range(3):
-            order.append((await other.claim()).payload["response"]["chat"]["student_id"])
+            order.append(
+                (await other.claim()).payload["response"]["chat"]["student_id"]
+            )
         assert order == ["s1", "s2", "s3"]
 
 
@@ -254,7 +294,9 @@ async def test_rule_user_status_reaches_teachers(server):
 
         async def three_waiting():
             while True:
-                status = await teacher.client.push_event("presence:teachers", "user:status")
+                status = await teacher.client.push_event(
+                    "presence:teachers", "user:status"
+                )
                 if status.payload["students"]["waiting"] == 3:
                     return status.payload
 
@@ -283,24 +325,33 @@ async def test_single_socket_chats_across_workers(server_factory):
         for chat in chats:
             topic = f"chats:{chat['id']}"
             student = students[chat["student_id"]]
-            student_chat = (await student.push_event(
-                f"presence:student:{chat['student_id']}", "new:chat"
-            )).payload
-            teacher_ref, reply = await teacher.client.join(topic, {"token": chat["token"]})
+            student_chat = (
+                await student.push_event(
+                    f"presence:student:{chat['student_id']}", "new:chat"
+                )
+            ).payload
+            teacher_ref, reply = await teacher.client.join(
+                topic, {"token": chat["token"]}
+            )
             assert reply.payload == {"status": "ok", "response": {}}
-            student_ref, reply = await student.join(topic, {"token": student_chat["token"]})
+            student_ref, reply = await student.join(
+                topic, {"token": student_chat["token"]}
+            )
             assert reply.payload == {"status": "ok", "response": {}}
             await teacher.client.push_event(topic, "chat:ready")
             await student.push_event(topic, "chat:ready")
             joined.append((chat, topic, student, teacher_ref, student_ref))
 
-        for chat, topic, student, teacher_ref, student_ref in joined:
+        for _chat, topic, student, teacher_ref, student_ref in joined:
             for index in range(1, 3):
-                teacher.client.send(teacher_ref, None, topic, "teacher:send",
-                                    {"message": f"q{index}"})
+                teacher.client.send(
+                    teacher_ref, None, topic, "teacher:send", {"message": f"q{index}"}
+                )
                 received = await student.push_event(topic, "student:receive")
                 assert received.payload["message"] == f"q{index}"
-                student.send(student_ref, None, topic, "student:send", {"message": f"a{index}"})
+                student.send(
+                    student_ref, None, topic, "student:send", {"message": f"a{index}"}
+                )
                 answer = await teacher.client.push_event(topic, "teacher:receive")
                 assert answer.payload["message"] == f"a{index}"
                 assert answer.payload["seq"] == 2 * index
@@ -315,9 +366,13 @@ async def test_single_socket_chats_across_workers(server_factory):
         chat, topic, *_ = joined[0]
         intruder = students["s5"]
         _, reply = await intruder.join(topic, {"token": chat["token"]})
-        assert reply.payload == {"status": "error", "response": {"reason": "unauthorized"}}
+        assert reply.payload == {
+            "status": "error",
+            "response": {"reason": "unauthorized"},
+        }
 
     for chat, *_ in joined:
+
         def logged(chat_id=chat["id"]):
             found = chatlog.read_chat(server.data_dir, 3, chat_id)
             return found if found and found["chat"]["end_reason"] else None

@@ -22,14 +22,24 @@ async def test_serializer_v1_without_vsn(server_factory):
     async with websocket.connect(
         server.host, server.port, f"/socket/websocket?token={token}"
     ) as connection:
-        connection.send(json.dumps(
-            {"topic": "presence:teachers", "event": "phx_join", "payload": {},
-             "ref": "1", "join_ref": "1"}
-        ))
+        connection.send(
+            json.dumps(
+                {
+                    "topic": "presence:teachers",
+                    "event": "phx_join",
+                    "payload": {},
+                    "ref": "1",
+                    "join_ref": "1",
+                }
+            )
+        )
         reply = await receive_json(connection)
     assert reply == {
-        "topic": "presence:teachers", "event": "phx_reply",
-        "payload": {"status": "ok", "response": {}}, "ref": "1", "join_ref": "1",
+        "topic": "presence:teachers",
+        "event": "phx_reply",
+        "payload": {"status": "ok", "response": {}},
+        "ref": "1",
+        "join_ref": "1",
     }
 
 
@@ -39,9 +49,11 @@ async def test_serializer_v1_explicit_vsn(server_factory):
     async with websocket.connect(
         server.host, server.port, f"/socket/websocket?vsn=1.0.0&token={token}"
     ) as connection:
-        connection.send(json.dumps(
-            {"topic": "phoenix", "event": "heartbeat", "payload": {}, "ref": "7"}
-        ))
+        connection.send(
+            json.dumps(
+                {"topic": "phoenix", "event": "heartbeat", "payload": {}, "ref": "7"}
+            )
+        )
         reply = await receive_json(connection)
     assert reply["event"] == "phx_reply"
     assert reply["ref"] == "7"
@@ -73,9 +85,22 @@ async def test_socket_path_option(server_factory):
 
 def test_insecure_mode_refused_on_public_host(tmp_path):
     result = subprocess.run(
-        [sys.executable, "-m", "shardchat", "serve", "--insecure-join-identity",
-         "--host", "0.0.0.0", "--port", "0", "--data-dir", str(tmp_path)],
-        capture_output=True, text=True, timeout=30,
+        [
+            sys.executable,
+            "-m",
+            "shardchat",
+            "serve",
+            "--insecure-join-identity",
+            "--host",
+            "0.0.0.0",
+            "--port",
+            "0",
+            "--data-dir",
+            str(tmp_path),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=30,
     )
     assert result.returncode == 2
     assert "--insecure-join-identity is refused with --host 0.0.0.0" in result.stderr
@@ -84,16 +109,23 @@ def test_insecure_mode_refused_on_public_host(tmp_path):
 async def test_insecure_mode_identity_from_join(server_factory):
     server = server_factory("--insecure-join-identity")
     assert "INSECURE: --insecure-join-identity is on" in server.log_text()
-    async with websocket.connect(
-        server.host, server.port, "/socket/websocket?vsn=2.0.0"
-    ) as teacher, websocket.connect(
-        server.host, server.port, "/socket/websocket?vsn=2.0.0"
-    ) as student:
-        student.send('["1","1","presence:student:s1","phx_join",{"userId":"s1","role":"student"}]')
+    async with (
+        websocket.connect(
+            server.host, server.port, "/socket/websocket?vsn=2.0.0"
+        ) as teacher,
+        websocket.connect(
+            server.host, server.port, "/socket/websocket?vsn=2.0.0"
+        ) as student,
+    ):
+        student.send(
+            '["1","1","presence:student:s1","phx_join",{"userId":"s1","role":"student"}]'
+        )
         assert json.loads(await student.receive())[4]["status"] == "ok"
         student.send('["1","2","presence:student:s1","student:ready",{}]')
         assert json.loads(await student.receive())[4]["status"] == "ok"
-        teacher.send('["1","1","presence:teachers","phx_join",{"userId":"t1","role":"teacher"}]')
+        teacher.send(
+            '["1","1","presence:teachers","phx_join",{"userId":"t1","role":"teacher"}]'
+        )
         assert json.loads(await teacher.receive())[4]["status"] == "ok"
         teacher.send('["1","2","presence:teachers","claim:student",{}]')
         while True:
@@ -103,7 +135,11 @@ async def test_insecure_mode_identity_from_join(server_factory):
         chat = frame[4]["response"]["chat"]
         assert chat["student_id"] == "s1"
         topic = f"chats:{chat['id']}"
-        teacher.send(json.dumps(["3", "3", topic, "phx_join", {"userId": "t1", "role": "teacher"}]))
+        teacher.send(
+            json.dumps(
+                ["3", "3", topic, "phx_join", {"userId": "t1", "role": "teacher"}]
+            )
+        )
         while True:
             frame = json.loads(await teacher.receive())
             if frame[3] == "phx_reply" and frame[1] == "3":
@@ -111,7 +147,11 @@ async def test_insecure_mode_identity_from_join(server_factory):
         assert frame[4] == {"status": "ok", "response": {}}
         # The first join fixed the connection's identity, so a payload naming
         # another user changes nothing: the student still joins as s1.
-        student.send(json.dumps(["4", "4", topic, "phx_join", {"userId": "s9", "role": "student"}]))
+        student.send(
+            json.dumps(
+                ["4", "4", topic, "phx_join", {"userId": "s9", "role": "student"}]
+            )
+        )
         while True:
             frame = json.loads(await student.receive())
             if frame[3] == "phx_reply" and frame[1] == "4":

@@ -7,8 +7,8 @@ import socket
 
 import pytest
 import trio
-
 from phx import connect
+
 from shardchat import tokens
 from shardchat.close_codes import CloseCode
 from shardchat.exceptions import ConnectionClosed, HandshakeError
@@ -85,14 +85,18 @@ async def test_router_unsupported_vsn_403(server):
 
 
 async def test_protocol_heartbeat(server):
-    async with connect(server, f"vsn=2.0.0&token={server.token('t1', 'teacher')}") as client:
+    async with connect(
+        server, f"vsn=2.0.0&token={server.token('t1', 'teacher')}"
+    ) as client:
         reply = await client.request(None, "phoenix", "heartbeat")
     assert reply.payload == {"status": "ok", "response": {}}
     assert reply.topic == "phoenix"
 
 
 async def test_protocol_join_leave_close(server):
-    async with connect(server, f"vsn=2.0.0&token={server.token('t1', 'teacher')}") as client:
+    async with connect(
+        server, f"vsn=2.0.0&token={server.token('t1', 'teacher')}"
+    ) as client:
         join_ref, reply = await client.join("presence:teachers")
         assert reply.payload["status"] == "ok"
         leave = await client.request(join_ref, "presence:teachers", "phx_leave")
@@ -103,25 +107,39 @@ async def test_protocol_join_leave_close(server):
 
 
 async def test_protocol_leave_unjoined_topic_ok(server):
-    async with connect(server, f"vsn=2.0.0&token={server.token('t1', 'teacher')}") as client:
+    async with connect(
+        server, f"vsn=2.0.0&token={server.token('t1', 'teacher')}"
+    ) as client:
         reply = await client.request("9", "presence:teachers", "phx_leave")
     assert reply.payload == {"status": "ok", "response": {}}
 
 
 async def test_protocol_unmatched_topic(server):
-    async with connect(server, f"vsn=2.0.0&token={server.token('t1', 'teacher')}") as client:
+    async with connect(
+        server, f"vsn=2.0.0&token={server.token('t1', 'teacher')}"
+    ) as client:
         reply = await client.request("1", "presence:teachers", "claim:student")
-    assert reply.payload == {"status": "error", "response": {"reason": "unmatched topic"}}
+    assert reply.payload == {
+        "status": "error",
+        "response": {"reason": "unmatched topic"},
+    }
 
 
 async def test_protocol_unknown_topic_join(server):
-    async with connect(server, f"vsn=2.0.0&token={server.token('t1', 'teacher')}") as client:
+    async with connect(
+        server, f"vsn=2.0.0&token={server.token('t1', 'teacher')}"
+    ) as client:
         _, reply = await client.join("lobby:1")
-    assert reply.payload == {"status": "error", "response": {"reason": "unmatched topic"}}
+    assert reply.payload == {
+        "status": "error",
+        "response": {"reason": "unmatched topic"},
+    }
 
 
 async def test_protocol_second_join_closes_first(server):
-    async with connect(server, f"vsn=2.0.0&token={server.token('t1', 'teacher')}") as client:
+    async with connect(
+        server, f"vsn=2.0.0&token={server.token('t1', 'teacher')}"
+    ) as client:
         first_ref, _ = await client.join("presence:teachers")
         second_ref, reply = await client.join("presence:teachers")
         assert reply.payload["status"] == "ok"
@@ -131,12 +149,15 @@ async def test_protocol_second_join_closes_first(server):
         # The new channel works.
         claim = await client.request(second_ref, "presence:teachers", "claim:student")
         assert claim.payload == {
-            "status": "error", "response": {"reason": "no students waiting"}
+            "status": "error",
+            "response": {"reason": "no students waiting"},
         }
 
 
 async def test_protocol_stale_join_ref_ignored(server):
-    async with connect(server, f"vsn=2.0.0&token={server.token('t1', 'teacher')}") as client:
+    async with connect(
+        server, f"vsn=2.0.0&token={server.token('t1', 'teacher')}"
+    ) as client:
         join_ref, _ = await client.join("presence:teachers")
         client.send("stale", "50", "presence:teachers", "claim:student", {})
         reply = await client.request(join_ref, "presence:teachers", "claim:student")
@@ -145,7 +166,9 @@ async def test_protocol_stale_join_ref_ignored(server):
 
 
 async def test_protocol_invalid_frame_closes_1002(server):
-    async with connect(server, f"vsn=2.0.0&token={server.token('t1', 'teacher')}") as client:
+    async with connect(
+        server, f"vsn=2.0.0&token={server.token('t1', 'teacher')}"
+    ) as client:
         client.connection.send("not json")
         with pytest.raises(ConnectionClosed) as info:
             await client.receive()
@@ -153,15 +176,25 @@ async def test_protocol_invalid_frame_closes_1002(server):
 
 
 async def test_protocol_student_cannot_join_other_presence(server):
-    async with connect(server, f"vsn=2.0.0&token={server.token('s1', 'student')}") as client:
+    async with connect(
+        server, f"vsn=2.0.0&token={server.token('s1', 'student')}"
+    ) as client:
         _, reply = await client.join("presence:student:s2")
-        assert reply.payload == {"status": "error", "response": {"reason": "unauthorized"}}
+        assert reply.payload == {
+            "status": "error",
+            "response": {"reason": "unauthorized"},
+        }
         _, reply = await client.join("presence:teachers")
-        assert reply.payload == {"status": "error", "response": {"reason": "unauthorized"}}
+        assert reply.payload == {
+            "status": "error",
+            "response": {"reason": "unauthorized"},
+        }
 
 
 async def test_protocol_student_cannot_claim(server):
-    async with connect(server, f"vsn=2.0.0&token={server.token('s1', 'student')}") as client:
+    async with connect(
+        server, f"vsn=2.0.0&token={server.token('s1', 'student')}"
+    ) as client:
         join_ref, _ = await client.join("presence:student:s1")
         reply = await client.request(join_ref, "presence:student:s1", "claim:student")
     assert reply.payload == {"status": "error", "response": {"reason": "unknown event"}}
@@ -169,7 +202,9 @@ async def test_protocol_student_cannot_claim(server):
 
 async def test_protocol_idle_connection_closed(server_factory):
     server = server_factory("--idle-timeout", "1")
-    async with connect(server, f"vsn=2.0.0&token={server.token('t1', 'teacher')}") as client:
+    async with connect(
+        server, f"vsn=2.0.0&token={server.token('t1', 'teacher')}"
+    ) as client:
         with trio.fail_after(5):
             with pytest.raises(ConnectionClosed) as info:
                 await client.connection.receive()
@@ -182,7 +217,8 @@ async def test_protocol_authtoken_subprotocol(server):
     token = server.token("t1", "teacher")
     encoded = base64.urlsafe_b64encode(token.encode()).decode().rstrip("=")
     async with connect(
-        server, "vsn=2.0.0",
+        server,
+        "vsn=2.0.0",
         subprotocols=["phoenix", f"base64url.bearer.phx.{encoded}"],
     ) as client:
         assert client.connection.subprotocol == "phoenix"

@@ -35,7 +35,10 @@ def test_http_parse_plain_get_is_not_upgrade():
         (b"GARBAGE\r\n\r\n", "invalid request line 'GARBAGE'"),
         (b"GET / HTTP/2\r\n\r\n", "invalid request line 'GET / HTTP/2'"),
         (b"GET nopath HTTP/1.1\r\n\r\n", "invalid request target 'nopath'"),
-        (b"GET / HTTP/1.1\r\nno colon here\r\n\r\n", "invalid header line 'no colon here'"),
+        (
+            b"GET / HTTP/1.1\r\nno colon here\r\n\r\n",
+            "invalid header line 'no colon here'",
+        ),
         (b"GET / HTTP/1.1\r\n Folded: x\r\n\r\n", "invalid header line ' Folded: x'"),
     ],
 )

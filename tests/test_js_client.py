@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import re
 import shutil
+import signal
 import subprocess
 from pathlib import Path
 
@@ -28,29 +29,32 @@ def require_tool(name: str) -> str:
 
 
 def run_npm(npm: str, *args: str, env: dict[str, str], timeout: int) -> str:
-    """Run npm in tests/js; fail with its output when it exits non-zero."""
+    """Run npm in tests/js; fail with its output when it exits non-zero.
+
+    npm runs in its own process group, so that a timeout also ends the node
+    process it started.
+    """
+    process = subprocess.Popen(
+        [npm, *args],
+        cwd=JS_DIR,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
     try:
-        completed = subprocess.run(
-            [npm, *args],
-            cwd=JS_DIR,
-            env=env,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            check=False,
-            text=True,
-            timeout=timeout,
-        )
-    except subprocess.TimeoutExpired as exc:
-        output = exc.stdout or ""
-        if isinstance(output, bytes):
-            output = output.decode(errors="replace")
+        output, _ = process.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        output, _ = process.communicate()
         raise AssertionError(
             f"npm {' '.join(args)} timed out after {timeout} s:\n{output}"
         ) from None
-    assert completed.returncode == 0, (
-        f"npm {' '.join(args)} exited with {completed.returncode}:\n{completed.stdout}"
+    assert process.returncode == 0, (
+        f"npm {' '.join(args)} exited with {process.returncode}:\n{output}"
     )
-    return completed.stdout
+    return output
 
 
 def server_logs(*servers: Server) -> str:
@@ -60,16 +64,19 @@ def server_logs(*servers: Server) -> str:
     )
 
 
-def test_js_client_conformance(tmp_path):
+def test_js_client_conformance(tmp_path, ws_engine):
     require_tool("node")
     npm = require_tool("npm")
     env = dict(os.environ)
     if not (JS_DIR / "node_modules").is_dir():
         run_npm(npm, "ci", "--no-audit", "--no-fund", env=env, timeout=NPM_CI_TIMEOUT_S)
 
-    main = start_server(tmp_path / "main")
+    engine = ("--ws-engine", ws_engine)
+    main = start_server(tmp_path / "main", *engine)
     try:
-        idle = start_server(tmp_path / "idle", "--idle-timeout", IDLE_TIMEOUT_S)
+        idle = start_server(
+            tmp_path / "idle", *engine, "--idle-timeout", IDLE_TIMEOUT_S
+        )
     except BaseException:
         stop_server(main)
         raise
@@ -96,7 +103,9 @@ def test_js_client_conformance(tmp_path):
         assert passed is not None, output
         assert int(passed.group(1)) > 0, output
     finally:
-        main_status = stop_server(main)
-        idle_status = stop_server(idle)
+        try:
+            main_status = stop_server(main)
+        finally:
+            idle_status = stop_server(idle)
     assert main_status == 0, server_logs(main)
     assert idle_status == 0, server_logs(idle)

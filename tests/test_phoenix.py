@@ -28,8 +28,14 @@ def test_codec_v1_round_trip():
         ('[1, "2", "t", "e", {}]', "invalid join_ref 1: expected string or null"),
         ('[null, 2, "t", "e", {}]', "invalid ref 2: expected string or null"),
         ('[null, "2", "", "e", {}]', "invalid topic '': expected a non-empty string"),
-        ('[null, "2", "t", null, {}]', "invalid event None: expected a non-empty string"),
-        ('[null, "2", "t", "e"]', "invalid frame: expected [join_ref, ref, topic, event, payload]"),
+        (
+            '[null, "2", "t", null, {}]',
+            "invalid event None: expected a non-empty string",
+        ),
+        (
+            '[null, "2", "t", "e"]',
+            "invalid frame: expected [join_ref, ref, topic, event, payload]",
+        ),
     ],
 )
 def test_codec_v2_invalid(text, error):
@@ -47,36 +53,57 @@ def test_reply_shape():
     request = Message("1", "7", "presence:teachers", "claim:student", {})
     reply = phoenix.error_reply(request, "no students waiting")
     assert reply == Message(
-        "1", "7", "presence:teachers", "phx_reply",
+        "1",
+        "7",
+        "presence:teachers",
+        "phx_reply",
         {"status": "error", "response": {"reason": "no students waiting"}},
     )
 
 
 def test_close_shape():
-    assert phoenix.close("chats:1", "3") == Message("3", "3", "chats:1", "phx_close", {})
+    assert phoenix.close("chats:1", "3") == Message(
+        "3", "3", "chats:1", "phx_close", {}
+    )
 
 
 def test_channels_heartbeat():
     table = ChannelTable()
-    assert table.classify(Message(None, "1", "phoenix", "heartbeat", {})) is Action.HEARTBEAT
+    assert (
+        table.classify(Message(None, "1", "phoenix", "heartbeat", {}))
+        is Action.HEARTBEAT
+    )
 
 
 def test_channels_event_on_unjoined_topic():
     table = ChannelTable()
-    assert table.classify(Message("1", "2", "chats:x", "teacher:send", {})) is Action.UNMATCHED
+    assert (
+        table.classify(Message("1", "2", "chats:x", "teacher:send", {}))
+        is Action.UNMATCHED
+    )
 
 
 def test_channels_leave_unjoined_topic():
     table = ChannelTable()
-    assert table.classify(Message("1", "2", "chats:x", "phx_leave", {})) is Action.LEAVE_UNJOINED
+    assert (
+        table.classify(Message("1", "2", "chats:x", "phx_leave", {}))
+        is Action.LEAVE_UNJOINED
+    )
 
 
 def test_channels_joined_event_and_stale_join_ref():
     table = ChannelTable()
     table.accept_join("chats:x", "4")
-    assert table.classify(Message("4", "5", "chats:x", "teacher:send", {})) is Action.EVENT
-    assert table.classify(Message("3", "6", "chats:x", "teacher:send", {})) is Action.STALE
-    assert table.classify(Message(None, "7", "chats:x", "teacher:send", {})) is Action.EVENT
+    assert (
+        table.classify(Message("4", "5", "chats:x", "teacher:send", {})) is Action.EVENT
+    )
+    assert (
+        table.classify(Message("3", "6", "chats:x", "teacher:send", {})) is Action.STALE
+    )
+    assert (
+        table.classify(Message(None, "7", "chats:x", "teacher:send", {}))
+        is Action.EVENT
+    )
     assert table.classify(Message("4", "8", "chats:x", "phx_leave", {})) is Action.LEAVE
 
 

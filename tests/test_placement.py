@@ -49,5 +49,9 @@ def test_placement_growth_moves_few_keys():
     moved = sum(placement.place(key, 4) != placement.place(key, 5) for key in keys)
     # Rendezvous hashing moves about 1/5 of the keys when going from 4 to 5 slots.
     assert moved < 0.3 * len(keys)
-    moved_to_new = sum(placement.place(key, 5) == 4 for key in keys if placement.place(key, 4) != placement.place(key, 5))
+    moved_to_new = sum(
+        placement.place(key, 5) == 4
+        for key in keys
+        if placement.place(key, 4) != placement.place(key, 5)
+    )
     assert moved_to_new == moved

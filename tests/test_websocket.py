@@ -45,6 +45,9 @@ ACCEPT = base64.b64encode(
     hashlib.sha1((KEY + "258EAFA5-E914-47DA-95CA-C5AB0DC85B11").encode()).digest()
 ).decode()
 MASK = b"\x1f\x2e\x3d\x4c"
+# An application close code, from the private range 4000-4999 of RFC 6455
+# section 7.4.2, which CloseCode does not list.
+LESSON_OVER = 4001
 
 TEXT = 0x1
 BINARY = 0x2
@@ -74,7 +77,7 @@ def upgrade_request(target: str = RESOURCE, extra_headers: str = "") -> bytes:
 def client_frame(
     opcode: int, payload: bytes, *, fin: bool = True, masked: bool = True
 ) -> bytes:
-    """Build a client frame (RFC 6455 section 5.2), masked unless told not to."""
+    """Build a client frame (RFC 6455 section 5.2), masked unless masked is False."""
     first = (0x80 if fin else 0) | opcode
     mask_bit = 0x80 if masked else 0
     size = len(payload)
@@ -264,7 +267,7 @@ async def serving(
     read_initial_data: Callable[[socket.socket], Awaitable[bytes]] | None = None,
     **options: Any,
 ) -> AsyncIterator[Server]:
-    """Serve count connections; on exit, wait until every serve() has returned."""
+    """Serve count connections, and on exit wait until every serve() has returned."""
     with socket.socket() as listener:
         listener.bind(("127.0.0.1", 0))
         listener.listen(16)
@@ -401,6 +404,7 @@ async def test_serve_initial_data_partial_head(engine: str) -> None:
             client = await server.open_client()
             await client.stream.send_all(request[:30])
             await server.initial_data_read.wait()
+            # Let serve() start waiting for the rest of the head.
             await trio.sleep(0.05)
             await client.stream.send_all(request[30:])
 
@@ -447,7 +451,9 @@ async def test_serve_receives_messages_of_one_read(engine: str) -> None:
             client = await server.open_client()
             await client.handshake()
             await client.stream.send_all(frames + client_frame(BINARY, b"\x00\xff"))
-            await client.stream.send_all(client_frame(CLOSE, close_payload(1000)))
+            await client.stream.send_all(
+                client_frame(CLOSE, close_payload(CloseCode.NORMAL))
+            )
             assert await client.read_close() == (CloseCode.NORMAL, "")
             await client.stream.aclose()
         assert recorder.messages == ["m0", "m1", "m2", "m3", "m4", b"\x00\xff"]
@@ -863,15 +869,15 @@ async def test_close_from_raw_client_is_echoed(engine: str) -> None:
             client = await server.open_client()
             await client.handshake()
             await client.stream.send_all(
-                client_frame(CLOSE, close_payload(4001, "lesson over"))
+                client_frame(CLOSE, close_payload(LESSON_OVER, "lesson over"))
             )
             # The server echoes the code (RFC 6455 section 5.5.1) and closes
             # the TCP connection first (section 7.1.1).
-            assert await client.read_close() == (4001, "lesson over")
+            assert await client.read_close() == (LESSON_OVER, "lesson over")
             assert await client.read_to_eof() == b""
             await client.stream.aclose()
         assert recorder.error is not None
-        assert recorder.error.code == 4001
+        assert recorder.error.code == LESSON_OVER
         assert recorder.error.reason == "lesson over"
         assert_sockets_closed(server)
 
@@ -899,8 +905,41 @@ async def test_close_is_idempotent(engine: str) -> None:
 
 
 @engines
+async def test_close_while_other_task_receives(engine: str) -> None:
+    outcome: dict[str, Any] = {}
+
+    async def close_from_other_task(connection: Connection) -> None:
+        async def receive_until_closed() -> None:
+            with pytest.raises(ConnectionClosed) as caught:
+                await connection.receive()
+            outcome["receive"] = caught.value
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(receive_until_closed)
+            # Let the receiving task start waiting on the socket.
+            await trio.sleep(0.05)
+            started = trio.current_time()
+            await connection.close(CloseCode.SERVICE_RESTART, "draining")
+            outcome["close_seconds"] = trio.current_time() - started
+
+    with trio.fail_after(DEADLINE):
+        async with serving(
+            close_from_other_task, engine=engine, close_timeout=3
+        ) as server:
+            async with connect("127.0.0.1", server.port, RESOURCE) as client:
+                with pytest.raises(ConnectionClosed) as caught:
+                    await client.receive()
+                assert caught.value.code == CloseCode.SERVICE_RESTART
+        assert_sockets_closed(server)
+    assert outcome["receive"].code == CloseCode.SERVICE_RESTART
+    assert outcome["receive"].reason == "draining"
+    # The close handshake ended with the client's reply, not at close_timeout.
+    assert outcome["close_seconds"] < 1
+
+
+@engines
 async def test_close_times_out_on_silent_peer(engine: str) -> None:
-    # The raw client never answers the close frame, so the server gives up
+    # The raw client never replies to the close frame, so the server gives up
     # after close_timeout and closes the socket.
     async def close_at_once(connection: Connection) -> None:
         await connection.close(CloseCode.GOING_AWAY)
@@ -1087,7 +1126,9 @@ async def test_send_backlog_flushes_in_order(engine: str) -> None:
             for index in range(count):
                 frame = await client.read_frame()
                 assert frame.payload[:5] == f"{index:05d}".encode()
-            await client.stream.send_all(client_frame(CLOSE, close_payload(1000)))
+            await client.stream.send_all(
+                client_frame(CLOSE, close_payload(CloseCode.NORMAL))
+            )
             assert await client.read_close() == (CloseCode.NORMAL, "")
             await client.stream.aclose()
         assert_sockets_closed(server)
@@ -1139,3 +1180,29 @@ async def test_send_slow_reader_is_aborted(
 async def server_done(server: Server) -> None:
     while server.returned < 1:
         await trio.sleep(0.01)
+
+
+@engines
+async def test_close_with_ping_in_flight(
+    engine: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    # A ping that crosses the server's close frame must not crash the
+    # connection. wsproto forbids the pong, and trio-websocket 0.12.2 raises
+    # from its reader task when it tries to send one.
+    async def close_at_once(connection: Connection) -> None:
+        await connection.close(CloseCode.GOING_AWAY, "bye")
+
+    with trio.fail_after(DEADLINE):
+        async with serving(close_at_once, engine=engine, close_timeout=3) as server:
+            client = await server.open_client()
+            await client.handshake()
+            assert await client.read_close() == (CloseCode.GOING_AWAY, "bye")
+            started = trio.current_time()
+            await client.stream.send_all(
+                client_frame(PING, b"late")
+                + client_frame(CLOSE, close_payload(CloseCode.GOING_AWAY))
+            )
+            assert await client.read_to_eof() == b""
+            assert trio.current_time() - started < 1
+        assert_sockets_closed(server)
+    assert [r for r in caplog.records if r.levelno >= logging.ERROR] == []

@@ -12,10 +12,19 @@ claiming the next waiting student whenever a chat ends, and plays
 its standard input reaches end of file, which the runner arranges once every
 student has finished.
 
+``--layout`` chooses how a bot spreads its topics over connections. With
+``per-chat`` (the default) each bot has a presence socket and opens one more
+socket per chat, with the chat token in the URL, so the router places it on the
+chat's worker. With ``single-socket`` each bot has one socket, as phoenix.js
+clients do: it joins its presence topic and every chat topic there, sending the
+chat token in the join payload, and the worker that holds the socket forwards
+the frames of chats owned by another worker.
+
 The bots share the machine's cores with the server they measure, so they stay
 lean: one task per bot and per open chat, no reader task where one coroutine
 can wait for the next frame itself, and a single task that sends heartbeats on
-connections that have been quiet for 30 seconds.
+connections that have been quiet for 30 seconds. A shared socket does need a
+reader task, which routes each frame to the link of its topic.
 
 At exit, normal or not, the process writes a JSON result file: frame counts,
 every chat with the texts this side sent, the latency samples, the errors and
@@ -27,14 +36,17 @@ from __future__ import annotations
 import argparse
 import collections
 import contextlib
+import enum
 import json
 import logging
+import math
 import os
 import signal
 import sys
 import time
 import urllib.parse
 from collections.abc import AsyncIterator
+from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -48,13 +60,14 @@ from shardchat.phoenix import (
     ERROR,
     HEARTBEAT,
     JOIN,
+    LEAVE,
     PHOENIX_TOPIC,
     REPLY,
     Message,
     decode_v2,
     encode_v2,
 )
-from shardchat.tokens import load_secret, mint
+from shardchat.tokens import load_secret, mint, verify
 
 logger = logging.getLogger("shardchat.bench.bots")
 
@@ -83,6 +96,13 @@ MAX_CHATS_PER_STUDENT = 10
 MAX_RECORDED_ERRORS = 1000
 
 CONNECT_ERRORS = (OSError, ShardchatError, trio.TooSlowError, trio.BrokenResourceError)
+
+
+class Layout(enum.Enum):
+    """The way a bot spreads its presence and chat topics over websocket connections."""
+
+    PER_CHAT = "per-chat"  # a presence socket plus one socket per chat
+    SINGLE_SOCKET = "single-socket"  # every topic of a bot on one socket
 
 
 class BotError(Exception):
@@ -232,6 +252,184 @@ class Link:
         return await self.request(topic, JOIN, {})
 
 
+class SharedSocket:
+    """One websocket that carries several topics, each read through a TopicLink.
+
+    ``route_frames`` is the only reader: it hands each frame to the link that
+    pushed on the frame's topic. Refs come from one counter, so they are unique
+    on the socket, and the heartbeat task checks the socket, not each topic.
+    """
+
+    __slots__ = ("closed", "connection", "last_ref", "last_sent", "routes", "tally")
+
+    def __init__(self, connection: Any, tally: Tally) -> None:
+        self.connection = connection
+        self.tally = tally
+        self.last_ref = 0
+        self.last_sent = trio.current_time()
+        self.routes: dict[str, TopicLink] = {}
+        # The close that stopped the reader, or None while the connection is open.
+        self.closed: ConnectionClosed | None = None
+
+    def next_ref(self) -> str:
+        self.last_ref += 1
+        return str(self.last_ref)
+
+    def send(self, frame: Message) -> None:
+        self.connection.send(encode_v2(frame))
+        self.tally.frames_sent += 1
+        self.last_sent = trio.current_time()
+
+    def send_heartbeat(self) -> None:
+        self.send(Message(None, self.next_ref(), PHOENIX_TOPIC, HEARTBEAT, {}))
+
+    def open_topic(self, join_payload: dict[str, Any]) -> TopicLink:
+        """Return a link for one more topic, joined later with ``join_payload``.
+
+        Raises:
+            ConnectionClosed: the connection is closed.
+        """
+        if self.closed is not None:
+            raise ConnectionClosed(self.closed.code, self.closed.reason)
+        return TopicLink(self, join_payload)
+
+    async def route_frames(self) -> None:
+        """Read frames until the connection closes and pass each to its topic's link.
+
+        Heartbeat replies and late frames of a topic whose link has closed
+        (the reply to its leave, say) are counted and dropped.
+        """
+        try:
+            while True:
+                frame = decode_v2(await self.connection.receive())
+                self.tally.frames_received += 1
+                link = self.routes.get(frame.topic)
+                if link is not None:
+                    link.deliver(frame)
+        except ConnectionClosed as exc:
+            self.closed = exc
+            for link in list(self.routes.values()):
+                link.send_channel.close()
+
+
+class TopicLink:
+    """One topic on a SharedSocket, with the methods of Link.
+
+    The link takes its topic from its first push or join, and from then on
+    receives that topic's frames from the socket's reader.
+    """
+
+    __slots__ = (
+        "ended",
+        "join_payload",
+        "join_ref",
+        "pending",
+        "receive_channel",
+        "send_channel",
+        "socket",
+        "tally",
+        "topic",
+    )
+
+    def __init__(self, socket: SharedSocket, join_payload: dict[str, Any]) -> None:
+        self.socket = socket
+        self.tally = socket.tally
+        self.join_payload = join_payload
+        self.topic: str | None = None
+        self.join_ref: str | None = None
+        # The server ended the channel, so closing the link needs no leave.
+        self.ended = False
+        # The socket's reader sends the topic's frames here. The buffer is
+        # unbounded so that a topic its bot reads late never blocks the reader.
+        self.send_channel: trio.MemorySendChannel[Message]
+        self.receive_channel: trio.MemoryReceiveChannel[Message]
+        self.send_channel, self.receive_channel = trio.open_memory_channel(math.inf)
+        # Frames read while waiting for a reply, kept for the next receive().
+        self.pending: collections.deque[Message] = collections.deque()
+
+    def deliver(self, frame: Message) -> None:
+        if frame.event in (CLOSE, ERROR, "chat:terminated"):
+            # The server sends phx_close right after chat:terminated.
+            self.ended = True
+        self.send_channel.send_nowait(frame)
+
+    def push(self, topic: str, event: str, payload: Any) -> str:
+        """Send one frame on the link's topic and return its ref.
+
+        Raises:
+            BotError: ``topic`` is not the link's topic, or another link
+                of the socket is for it.
+        """
+        if topic != self.topic:
+            self._bind(topic)
+        ref = self.socket.next_ref()
+        if event == JOIN:
+            self.join_ref = ref
+        self.socket.send(Message(self.join_ref, ref, topic, event, payload))
+        return ref
+
+    def _bind(self, topic: str) -> None:
+        if self.topic is not None:
+            raise BotError(f"invalid topic {topic}: this link is for {self.topic}")
+        if topic in self.socket.routes:
+            raise BotError(f"topic {topic} is already joined on this socket")
+        self.topic = topic
+        self.socket.routes[topic] = self
+
+    async def receive(self) -> Message:
+        """Return the next frame of the link's topic.
+
+        Raises:
+            ConnectionClosed: the socket is closed.
+        """
+        if self.pending:
+            return self.pending.popleft()
+        return await self._next_frame()
+
+    async def request(self, topic: str, event: str, payload: Any) -> dict[str, Any]:
+        """Push a frame and wait for its reply; return the reply's response.
+
+        Frames that arrive first are kept for ``receive``.
+
+        Raises:
+            Rejected: the reply has status error.
+            BotError: no reply within REPLY_TIMEOUT_S.
+            ConnectionClosed: the socket closed first.
+        """
+        ref = self.push(topic, event, payload)
+        with trio.move_on_after(REPLY_TIMEOUT_S):
+            while True:
+                frame = await self._next_frame()
+                if frame.event == REPLY and frame.ref == ref:
+                    return _reply_response(frame, event)
+                self.pending.append(frame)
+        raise BotError(f"no reply to {event} on {topic} within {REPLY_TIMEOUT_S:.0f} s")
+
+    async def _next_frame(self) -> Message:
+        try:
+            return await self.receive_channel.receive()
+        except trio.EndOfChannel:
+            # The reader closes the channel once the socket has closed.
+            closed = self.socket.closed
+            code, reason = (closed.code, closed.reason) if closed else (None, "")
+            raise ConnectionClosed(code, reason) from None
+
+    async def join(self, topic: str) -> dict[str, Any]:
+        return await self.request(topic, JOIN, self.join_payload)
+
+    def close(self) -> None:
+        """Stop routing the topic here, leaving its channel if still joined.
+
+        The leave ends a chat the way closing a per-chat socket does.
+        """
+        if self.topic is None:
+            return
+        del self.socket.routes[self.topic]
+        if self.join_ref is not None and not self.ended:
+            with contextlib.suppress(ConnectionClosed):
+                self.push(self.topic, LEAVE, {})
+
+
 def _reply_response(frame: Message, event: str) -> dict[str, Any]:
     payload = frame.payload if isinstance(frame.payload, dict) else {}
     response = payload.get("response")
@@ -251,6 +449,11 @@ class Settings:
     per_teacher: int
     messages: int
     connect_timeout: float
+    layout: Layout = Layout.PER_CHAT
+
+
+# A presence or chat link in either layout.
+AnyLink = Link | TopicLink
 
 
 class Bots:
@@ -262,17 +465,35 @@ class Bots:
         # Bounds handshakes in flight so a thousand bots do not all hit the
         # server's listen backlog at once.
         self.connect_limiter = trio.CapacityLimiter(connect_limit)
-        self.links: set[Link] = set()
+        # The open websocket connections, for the heartbeat task.
+        self.connections: set[Link | SharedSocket] = set()
+        # The single-socket layout's sockets by user id.
+        self.sockets: dict[str, SharedSocket] = {}
 
-    @contextlib.asynccontextmanager
-    async def open_link(
+    def open_link(
         self, token: str, chat_id: str | None = None
-    ) -> AsyncIterator[Link]:
-        """Open a socket with ``token`` (and ``chat_id`` for a chat socket).
+    ) -> AbstractAsyncContextManager[AnyLink]:
+        """Open a presence link with a user token, or a chat link with a chat token.
+
+        In the per-chat layout each link is a socket of its own, and a chat
+        socket carries ``chat_id`` in its URL. In the single-socket layout
+        the presence link opens the user's socket and a chat link is one
+        more topic on it, so the user's presence link must be open.
 
         Raises:
-            BotError: CONNECT_TRIES attempts failed.
+            BotError: CONNECT_TRIES attempts failed, or a chat link has no
+                presence socket to join on.
         """
+        if self.settings.layout is Layout.PER_CHAT:
+            return self._open_socket(token, chat_id)
+        if chat_id is None:
+            return self._open_shared_socket(token)
+        return self._open_topic(token)
+
+    @contextlib.asynccontextmanager
+    async def _open_socket(
+        self, token: str, chat_id: str | None
+    ) -> AsyncIterator[Link]:
         query = {"vsn": "2.0.0", "token": token}
         if chat_id is not None:
             query["chat"] = chat_id
@@ -280,11 +501,47 @@ class Bots:
         async with contextlib.AsyncExitStack() as stack:
             connection = await self._connect(stack, resource)
             link = Link(connection, self.tally)
-            self.links.add(link)
+            self.connections.add(link)
             try:
                 yield link
             finally:
-                self.links.discard(link)
+                self.connections.discard(link)
+
+    @contextlib.asynccontextmanager
+    async def _open_shared_socket(self, token: str) -> AsyncIterator[TopicLink]:
+        user_id = verify(self.settings.secret, token).user_id
+        query = {"vsn": "2.0.0", "token": token}
+        resource = "/socket/websocket?" + urllib.parse.urlencode(query)
+        async with contextlib.AsyncExitStack() as stack:
+            connection = await self._connect(stack, resource)
+            socket = SharedSocket(connection, self.tally)
+            # Entered after the connection, so the reader stops before it closes.
+            reader = await stack.enter_async_context(trio.open_nursery())
+            reader.start_soon(socket.route_frames)
+            self.connections.add(socket)
+            self.sockets[user_id] = socket
+            try:
+                yield socket.open_topic({})
+            finally:
+                del self.sockets[user_id]
+                self.connections.discard(socket)
+                reader.cancel_scope.cancel()
+
+    @contextlib.asynccontextmanager
+    async def _open_topic(self, token: str) -> AsyncIterator[TopicLink]:
+        user_id = verify(self.settings.secret, token).user_id
+        socket = self.sockets.get(user_id)
+        if socket is None:
+            raise BotError(
+                f"no open socket for user {user_id}: open its presence link first"
+            )
+        # A join on a shared socket carries the chat token that the URL of a
+        # per-chat socket would.
+        link = socket.open_topic({"token": token})
+        try:
+            yield link
+        finally:
+            link.close()
 
     async def _connect(self, stack: contextlib.AsyncExitStack, resource: str) -> Any:
         for attempt in range(1, CONNECT_TRIES + 1):
@@ -326,7 +583,7 @@ def _new_chat_record(chat: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-async def _expect(link: Link, event: str) -> Any:
+async def _expect(link: AnyLink, event: str) -> Any:
     """Read frames until ``event`` arrives and return its payload.
 
     Replies with status ok and unrelated pushes are skipped.
@@ -385,7 +642,7 @@ class Teacher:
                     nursery.start_soon(self._read_presence, presence)
                     await self._claim_students(presence, nursery)
 
-    async def _read_presence(self, presence: Link) -> None:
+    async def _read_presence(self, presence: AnyLink) -> None:
         try:
             while True:
                 frame = await presence.receive()
@@ -412,7 +669,7 @@ class Teacher:
         if self.served and not self.open_chats and self.students_total == 0:
             self.cancel_scope.cancel()
 
-    async def _claim(self, presence: Link) -> dict[str, Any]:
+    async def _claim(self, presence: AnyLink) -> dict[str, Any]:
         # The reply arrives through _read_presence, which owns the receiving.
         ref = presence.push("presence:teachers", "claim:student", {})
         pending = PendingReply()
@@ -423,7 +680,7 @@ class Teacher:
         self.replies.pop(ref, None)
         raise BotError(f"no reply to claim:student within {REPLY_TIMEOUT_S:.0f} s")
 
-    async def _claim_students(self, presence: Link, nursery: trio.Nursery) -> None:
+    async def _claim_students(self, presence: AnyLink, nursery: trio.Nursery) -> None:
         # Runs until _stop_if_done or the process cancels it.
         while True:
             await self.slots.acquire()
@@ -471,7 +728,9 @@ class Teacher:
             self.slots.release()
             self._stop_if_done()
 
-    async def _converse(self, link: Link, chat_id: str, record: dict[str, Any]) -> None:
+    async def _converse(
+        self, link: AnyLink, chat_id: str, record: dict[str, Any]
+    ) -> None:
         """Play the chat's rounds, then end it; record the end reason."""
         topic = f"chats:{chat_id}"
         sent = record["sent"]
@@ -531,7 +790,7 @@ async def _attend_chat(bots: Bots, student_id: str, chat: dict[str, Any]) -> str
     return record["end_reason"]
 
 
-async def _answer_messages(link: Link, chat_id: str, record: dict[str, Any]) -> None:
+async def _answer_messages(link: AnyLink, chat_id: str, record: dict[str, Any]) -> None:
     """Reply until the chat ends; record the end reason."""
     topic = f"chats:{chat_id}"
     sent = record["sent"]
@@ -557,15 +816,15 @@ async def _answer_messages(link: Link, chat_id: str, record: dict[str, Any]) -> 
         latency.append((received_ns - sent_ns) / 1e6)
 
 
-async def _send_heartbeats(links: set[Link]) -> None:
+async def _send_heartbeats(connections: set[Link | SharedSocket]) -> None:
     # Runs until the process cancels it.
     while True:
         await trio.sleep(HEARTBEAT_CHECK_S)
         now = trio.current_time()
-        for link in list(links):
-            if now - link.last_sent >= HEARTBEAT_INTERVAL_S:
+        for connection in list(connections):
+            if now - connection.last_sent >= HEARTBEAT_INTERVAL_S:
                 with contextlib.suppress(ConnectionClosed):
-                    link.send_heartbeat()
+                    connection.send_heartbeat()
 
 
 async def _cancel_on_sigterm(scope: trio.CancelScope, tally: Tally) -> None:
@@ -609,10 +868,11 @@ async def run_bots(args: argparse.Namespace, tally: Tally, bot_ids: list[str]) -
         per_teacher=args.per_teacher,
         messages=args.messages,
         connect_timeout=args.connect_timeout,
+        layout=Layout(args.layout),
     )
     bots = Bots(settings, tally, args.connect_limit)
     async with trio.open_nursery() as process:
-        process.start_soon(_send_heartbeats, bots.links)
+        process.start_soon(_send_heartbeats, bots.connections)
         process.start_soon(_cancel_on_sigterm, process.cancel_scope, tally)
         if args.role == "teacher":
             process.start_soon(_cancel_on_stdin_eof, process.cancel_scope)
@@ -646,6 +906,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--messages", type=int, default=50, help="messages each side sends per chat"
     )
     parser.add_argument("--result", required=True, help="result JSON file to write")
+    parser.add_argument(
+        "--layout",
+        choices=[layout.value for layout in Layout],
+        default=Layout.PER_CHAT.value,
+        help="per-chat: a presence socket plus one socket per chat; single-socket: "
+        "one socket per bot for every topic (default: per-chat)",
+    )
     parser.add_argument(
         "--connect-limit",
         type=int,

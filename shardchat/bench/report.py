@@ -52,6 +52,7 @@ class Workload:
     messages: int
     workers: int | None
     ws_engine: str | None = None
+    layout: str = "per-chat"
 
 
 @dataclass(frozen=True)
@@ -453,6 +454,7 @@ def build_summary(
         "client_cpu_s": merged.client_cpu_s,
         "server_cpu_us_per_relay": per_relay_us,
         "ws_engine": workload.ws_engine,
+        "layout": workload.layout,
         "client_errors": merged.errors[:MAX_LISTED_PROBLEMS],
         "client_error_count": len(merged.errors),
         "problems": problems,
@@ -480,6 +482,7 @@ def format_summary(summary: Mapping[str, Any]) -> str:
     p99 = _number(latency["p99"], "{:.2f} ms")
     lines = [
         f"workers            {workers}  (ws engine: {engine})",
+        f"client layout      {summary['layout']}",
         f"workload           {workload}",
         f"wall time          {_number(summary['wall_s'], '{:.2f} s')}",
         f"chats verified     {verified}",

@@ -39,6 +39,7 @@ import trio
 import shardchat
 from shardchat import tokens
 from shardchat.bench import report
+from shardchat.bench.bots import Layout
 from shardchat.exceptions import ConfigurationError
 
 logger = logging.getLogger("shardchat.bench")
@@ -93,6 +94,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="messages each side sends in one chat (default: 50)",
     )
 
+    parser.add_argument(
+        "--layout",
+        choices=[layout.value for layout in Layout],
+        default=Layout.PER_CHAT.value,
+        help="per-chat: each bot has a presence socket plus one socket per chat; "
+        "single-socket: each bot joins its presence topic and all its chats on "
+        "one socket, as phoenix.js clients do (default: per-chat)",
+    )
     parser.add_argument(
         "--client-processes",
         type=int,
@@ -341,6 +350,7 @@ async def _run_benchmark(
         messages=args.messages,
         workers=workers,
         ws_engine=args.ws_engine,
+        layout=args.layout,
     )
     verification = report.verify_run(merged, logs, workload)
     finished_at = merged.students_finished_at or students_done_at
@@ -531,6 +541,7 @@ def _start_bot_process(
         "--secret-file", str(server.secret_file),
         "--per-teacher", str(args.per_teacher),
         "--messages", str(args.messages),
+        "--layout", args.layout,
         "--result", str(result_path),
     ]  # fmt: skip
     log = log_path.open("wb")

@@ -1,11 +1,13 @@
 """Websocket engines and the opening-handshake steps they share.
 
 Each engine module provides ``accept()``, an async context manager that completes
-the server handshake on a socket and yields a shardchat.websocket.Connection. Both
-engines read the request head with read_request_head()
-instead of letting a library read it. The router may have read the head, part of
-it or none, and wsproto 1.3.2 drops any bytes that follow the head in the buffer
-it parses, so early frames must be kept apart from the head.
+the server handshake on a socket and yields a shardchat.websocket.Connection.
+
+Both engines read the request head with read_request_head() instead of letting a
+library read it. The router may have read the whole head, part of it or none of
+it, and wsproto 1.3.2 drops any bytes that follow the head in the buffer it
+parses. So the head is cut off here, and the early frames after it are fed to
+the connection once the handshake is done.
 """
 
 from __future__ import annotations
@@ -93,7 +95,8 @@ async def read_request_head(
 def parse_request_head(head: bytes) -> HandshakeRequest:
     """Parse a complete HTTP request head with h11.
 
-    Only the HTTP syntax is checked here; the engine checks the upgrade headers.
+    Only the HTTP syntax is checked here, and start_server_handshake() checks the
+    upgrade headers. Header values are decoded as ISO-8859-1, as ASGI servers do.
 
     Raises:
         HandshakeError: the head is not a valid HTTP/1.1 request (400).
@@ -132,12 +135,11 @@ def start_server_handshake(
 ) -> H11Handshake:
     """Check the upgrade headers of head with wsproto (RFC 6455 section 4.2.1).
 
-    Returns the wsproto server connection, ready to send AcceptConnection. wsproto
-    gets the head alone because it drops whatever follows the head.
+    Returns wsproto's server handshake, ready to send AcceptConnection.
 
     Raises:
-        HandshakeError: the request is no valid websocket upgrade; wsproto's
-            response (400, or 426 for an unsupported version) has been sent.
+        HandshakeError: the request is not a valid websocket upgrade. wsproto's
+            response, 400 or 426 for an unsupported version, has been sent.
     """
     handshake = H11Handshake(ConnectionType.SERVER)
     try:
@@ -166,7 +168,7 @@ def select_subprotocol_or_reject(
     Raises:
         HandshakeError: select_subprotocol raised it, and its status has been
             sent. Or select_subprotocol failed or returned a subprotocol the
-            client did not offer, which is logged and answered with 500.
+            client did not offer, which is logged and rejected with 500.
     """
     try:
         subprotocol = select_subprotocol(request)
@@ -224,7 +226,7 @@ def send_error_response(sock: socket.socket, response: bytes) -> None:
 
 
 def log_rejection(remote_address: str, error: HandshakeError) -> None:
-    """Log a rejected handshake at debug; rejections are routine, not errors."""
+    """Log a rejected handshake at debug, because rejections are routine."""
     _log.debug(
         "rejected websocket handshake from %s with status %d: %s",
         remote_address,

@@ -11,11 +11,17 @@ This module guards against three behaviours of trio-websocket 0.12.2:
 - Its server feeds bytes that arrive before the upgrade is accepted to wsproto's
   handshake parser, which drops them. _PrefixedStream therefore withholds every
   byte after the request head until the 101 response has been sent.
-- It answers a ping that arrives while its close frame is in flight, and
-  wsproto raises LocalProtocolError in its reader task, which would cancel the
-  handler. The reader runs in a nursery of its own that absorbs that error.
+- It sends a pong for a ping that arrives while its close frame is in flight,
+  and wsproto raises LocalProtocolError in its reader task, which would cancel
+  the handler. The reader runs in a nursery of its own that absorbs that error.
 - After an abnormal close it leaves the stream open, so this module closes the
   socket itself.
+
+Three differences from wsproto_engine remain. On an invalid frame (close codes
+PROTOCOL_ERROR and INVALID_DATA) trio-websocket closes the TCP connection without
+sending a close frame. A cancelled connection is closed without one too, because
+trio-websocket cannot send without awaiting. And max_message_size counts the
+characters of a text message, because trio-websocket measures messages with len().
 """
 
 from __future__ import annotations
@@ -128,8 +134,8 @@ class TrioWebsocketConnection:
         self._writer_lot = trio.lowlevel.ParkingLot()
         self._drained_lot = trio.lowlevel.ParkingLot()
 
-        # trio-websocket reports a close we started as code 1000 whatever code
-        # we sent, so the code and reason we sent are kept here.
+        # trio-websocket reports a close we started as NORMAL whatever code we
+        # sent, so the code and reason we sent are kept here.
         self._local_close: tuple[int, str] | None = None
         self._abort_close: tuple[int, str] | None = None
         self._close_started = False
@@ -181,8 +187,11 @@ class TrioWebsocketConnection:
             self.close_now()
 
     def close_now(self) -> None:
-        """Close the socket without a close handshake; trio-websocket cannot send
-        without awaiting."""
+        """Close the socket without a close handshake.
+
+        Used on cancellation too, where trio-websocket can send nothing because
+        sending awaits.
+        """
         self._queue.clear()
         self._queued_bytes = 0
         self._socket.close()
@@ -284,11 +293,8 @@ async def accept(
 ) -> AsyncIterator[TrioWebsocketConnection]:
     """Complete the server handshake with trio-websocket and yield the connection.
 
-    max_message_size counts characters for text messages here, because
-    trio-websocket measures messages with len().
-
     Raises:
-        HandshakeError: the request was rejected; the response has been sent.
+        HandshakeError: the request was rejected, after the response was sent.
     """
     sock.setblocking(False)
     deadline = trio.current_time() + handshake_timeout
@@ -306,8 +312,8 @@ async def accept(
     if head is None:
         reject(sock, remote_address, timeout_error)
         raise timeout_error
-    # trio-websocket would answer an invalid request and then wait for a
-    # request forever, so the request is checked before it sees it.
+    # trio-websocket would reject an invalid request itself and then wait
+    # forever for a valid one, so the request is checked before it sees it.
     start_server_handshake(sock, remote_address, head)
 
     trio_socket = trio.socket.from_stdlib_socket(sock)

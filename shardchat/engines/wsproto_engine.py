@@ -75,7 +75,7 @@ _SEND_BUFFER_FULL = "send buffer full"
 
 
 class ConnectionState(enum.Enum):
-    """The stage of a connection; only _start_closing and _close_socket change it."""
+    """The stage of a connection, changed only by _start_closing and _close_socket."""
 
     OPEN = "open"
     # A close frame was sent or received and the socket is still open.
@@ -295,7 +295,7 @@ class WsprotoConnection:
         try:
             await trio.lowlevel.wait_readable(sock)
         except trio.ClosedResourceError:
-            # Another task aborted the connection, and the state says why.
+            # Another task aborted the connection, and the state records why.
             return
         try:
             size = sock.recv_into(self._buffer)
@@ -380,12 +380,12 @@ class WsprotoConnection:
             if not self._client and not self._pending:
                 self._close_socket()
         elif state is ProtocolState.CLOSED:
-            # The peer answered our close frame.
+            # The peer's close frame replies to ours.
             if not self._client and not self._pending:
                 self._close_socket()
         else:
             # wsproto reports a frame it could not parse as a close event
-            # without a state change; the code says what was wrong with it.
+            # without a state change, with the close code for the problem.
             self._fail(as_close_code(event.code), event.reason or "")
 
     def _fail(self, code: int, reason: str) -> None:
@@ -439,8 +439,8 @@ class WsprotoConnection:
 
     async def _finish_close_handshake(self) -> None:
         if self._failed:
-            # Our close frame must go out before the FIN that tells the peer
-            # to close its side.
+            # Our close frame must go out before the FIN that asks the peer to
+            # close its side.
             await self._drain()
             with contextlib.suppress(OSError):
                 self._sock.shutdown(socket.SHUT_WR)
@@ -529,7 +529,7 @@ async def accept(
     once, and the socket is closed without waiting.
 
     Raises:
-        HandshakeError: the request was rejected; the response has been sent.
+        HandshakeError: the request was rejected, after the response was sent.
     """
     sock.setblocking(False)
     _set_nodelay(sock)
@@ -615,7 +615,7 @@ async def connect(
     max_message_size: int = 1 << 20,
     send_buffer_limit: int = 1 << 20,
 ) -> AsyncIterator[WsprotoConnection]:
-    """Open a client connection; see shardchat.websocket.connect."""
+    """Open a client connection, as described at shardchat.websocket.connect."""
     try:
         with trio.fail_after(connect_timeout):
             sock = await _open_socket(host, port)

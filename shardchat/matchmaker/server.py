@@ -69,6 +69,19 @@ class MatchmakerServer:
         matchmaker = self.core
         if op == "join":
             effects = matchmaker.join(message["user"], Role(message["role"]), slot)
+            if message["role"] == "teacher":
+                # A teacher who just joined gets the current counts at once
+                # instead of waiting for the next change.
+                self.send(
+                    slot,
+                    {
+                        "op": "push",
+                        "user": message["user"],
+                        "role": "teacher",
+                        "event": "user:status",
+                        "payload": matchmaker.counts().to_payload(),
+                    },
+                )
         elif op == "leave":
             effects = matchmaker.leave(message["user"], Role(message["role"]), slot)
         elif op == "ready":
@@ -215,12 +228,23 @@ class MatchmakerServer:
 
     def stats(self) -> dict[str, Any]:
         snapshot = self.core.snapshot()
+        snapshot["teachers_chats"] = snapshot.pop("teachers")
         snapshot.update(snapshot.pop("counts"))
         snapshot["chats_in_progress"] = len(snapshot["chats"])
         snapshot["workers"] = [
             self.worker_stats.get(slot) for slot in range(self.slots)
         ]
+        # Message counts live on the chats' workers, which report them.
+        counts: dict[str, int] = {}
+        for stats in self.worker_stats.values():
+            counts.update(stats.get("chat_messages", {}))
+        for chat in snapshot["chats"]:
+            chat["message_count"] = counts.get(chat["id"], 0)
+        for stats in snapshot["workers"]:
+            if stats is not None:
+                stats.pop("chat_messages", None)
         snapshot["uptime_s"] = time.time() - self.started_at
+        snapshot["server_time"] = time.time()
         return snapshot
 
 

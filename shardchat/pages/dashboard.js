@@ -119,9 +119,14 @@ function renderPeople(stats) {
   $("chats-total").textContent = formatNumber(stats.chats_in_progress ?? chats.length)
 }
 
-/** Message count of a chat from /stats, if the server includes one. */
+/** Return a chat's message count from /stats, or null when /stats has none. */
 function statsMessageCount(chat) {
-  return chat.messages ?? chat.message_count ?? null
+  for (const count of [chat.message_count, chat.messages]) {
+    if (typeof count === "number") {
+      return count
+    }
+  }
+  return null
 }
 
 /** Read the message counts that /stats lacks from the chat logs of `chats`. */

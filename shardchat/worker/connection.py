@@ -252,7 +252,9 @@ class ClientConnection:
             return None
         return identity
 
-    def insecure_chat_identity(self, chat_id: str, payload: Any) -> tokens.Identity | None:
+    def insecure_chat_identity(
+        self, chat_id: str, payload: Any
+    ) -> tokens.Identity | None:
         """Return the chat identity from the matchmaker's record of the chat."""
         self.adopt_join_identity(payload)
         chat = self.worker.chats.get(chat_id)

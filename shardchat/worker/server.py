@@ -24,16 +24,16 @@ import trio
 from shardchat import phoenix, placement, tokens, websocket
 from shardchat.chatlog import ChatLog
 from shardchat.close_codes import CloseCode
-from shardchat.ipc import Link
 from shardchat.exceptions import ConnectionClosed
+from shardchat.ipc import Link
 from shardchat.phoenix import Message
 from shardchat.worker.chat import Chat
-from shardchat.worker.proxy import ProxyWebSocket
 from shardchat.worker.connection import (
     STUDENT_TOPIC_PREFIX,
     TEACHERS_TOPIC,
     ClientConnection,
 )
+from shardchat.worker.proxy import ProxyWebSocket
 
 log = logging.getLogger("shardchat.worker")
 
@@ -44,6 +44,8 @@ SHUTDOWN_CLOSE_TIMEOUT_S = 3.0
 HANDOFF_BUFFER = 64 * 1024
 ENDED_CHATS_KEPT = 100_000
 STATS_INTERVAL_S = 1.0
+# Chats whose message counts go into each stats report (for the dashboard).
+STATS_CHATS_LISTED = 200
 
 
 class Worker:
@@ -221,7 +223,9 @@ class Worker:
         if link is not None:
             link.send(message)
 
-    def forward(self, connection: ClientConnection, slot: int, message: Message) -> None:
+    def forward(
+        self, connection: ClientConnection, slot: int, message: Message
+    ) -> None:
         """Send a client frame for a chat owned by ``slot`` to that worker."""
         link = self.peers.get(slot)
         if link is None or link.closed:
@@ -231,8 +235,12 @@ class Worker:
         if slot not in connection.proxied_to:
             connection.proxied_to.add(slot)
             link.send(
-                {"op": "proxy_open", "conn": connection.id,
-                 "identity": list(connection.identity), "vsn": connection.codec.version}
+                {
+                    "op": "proxy_open",
+                    "conn": connection.id,
+                    "identity": list(connection.identity),
+                    "vsn": connection.codec.version,
+                }
             )
         link.send({"op": "proxy_in", "conn": connection.id, "message": list(message)})
         self.frames_forwarded += 1
@@ -264,15 +272,20 @@ class Worker:
             key = (slot, message["conn"])
             identity = tokens.Identity(*message["identity"])
             self.proxies[key] = ClientConnection(
-                self, ProxyWebSocket(link, message["conn"]), identity,
-                phoenix.CODECS[message["vsn"]], message["conn"],
+                self,
+                ProxyWebSocket(link, message["conn"]),
+                identity,
+                phoenix.CODECS[message["vsn"]],
+                message["conn"],
             )
         elif op == "proxy_close":
             proxy = self.proxies.pop((slot, message["conn"]), None)
             if proxy is not None:
                 proxy.release_all()
         else:
-            log.warning("slot %d: unknown op %r from worker slot %d", self.slot, op, slot)
+            log.warning(
+                "slot %d: unknown op %r from worker slot %d", self.slot, op, slot
+            )
 
     # Connections.
 
@@ -363,6 +376,12 @@ class Worker:
             "connections": len(self.connections),
             "chats": len(self.chats),
             "messages": self.chat_log.messages_logged,
+            "chat_messages": {
+                chat_id: chat.seq
+                for chat_id, chat in itertools.islice(
+                    self.chats.items(), STATS_CHATS_LISTED
+                )
+            },
             "handoffs_failed": self.handoffs_failed,
             "frames_forwarded": self.frames_forwarded,
             "proxies": len(self.proxies),
