@@ -43,8 +43,8 @@ HOST = "127.0.0.1"
 LENGTH_BYTES = 4
 RECEIVE_SIZE = 65536
 LISTEN_BACKLOG = 4096
-# Connections the student process opens at once, so that a large --pairs does
-# not overflow the listen backlog.
+# Connects in progress at once in each client process, so that a large --pairs
+# does not overflow the listen backlog.
 CONNECT_CONCURRENCY = 200
 # File descriptors kept free for the interpreter, pipes and the listener.
 RESERVED_FDS = 64
@@ -61,7 +61,7 @@ class FloorError(Exception):
 
 @dataclasses.dataclass(frozen=True)
 class ClientResult:
-    """What one client process reports on stdout when it exits."""
+    """The result line a client process prints on stdout when it exits."""
 
     role: str
     chats: int
@@ -143,7 +143,7 @@ class FrameReader:
 
 
 async def send_frame(sock: trio.socket.SocketType, frame: bytes) -> None:
-    """Write a whole frame; a frame this small almost always takes one send()."""
+    """Write a whole frame, which takes one send() unless the socket buffer is full."""
     view = memoryview(frame)
     while view:
         sent = await sock.send(view)
@@ -289,7 +289,7 @@ class Side:
 
 
 class Teachers(Side):
-    """The teacher side: a bounded number of chats at a time, each asking first."""
+    """The teacher side: a bounded number of chats at a time, sending first."""
 
     async def run(self) -> None:
         limiter = trio.CapacityLimiter(self.settings.concurrent)
@@ -320,7 +320,7 @@ class Teachers(Side):
 
 
 class Students(Side):
-    """The student side: every student connected at once, each answering."""
+    """The student side: every student connected at once, replying to each message."""
 
     async def run(self) -> None:
         async with trio.open_nursery() as nursery:
@@ -543,19 +543,23 @@ def build_parser() -> argparse.ArgumentParser:
         default=60,
         help="payload bytes of one chat message (default: 60)",
     )
+
     parser.add_argument(
         "--server-cpus", help="CPU list to pin the relay server to, e.g. '0' or '0-1'"
     )
     parser.add_argument(
         "--client-cpus", help="CPU list to pin the client processes to, e.g. '1'"
     )
+
     parser.add_argument(
         "--timeout",
         type=float,
         default=60.0,
         help="seconds allowed for the clients to finish (default: 60)",
     )
+
     parser.add_argument("--json", type=Path, help="also write the summary to this file")
+
     # The options below are set by the coordinating process for its children.
     parser.add_argument(
         "--role",
@@ -572,7 +576,8 @@ def check_arguments(parser: argparse.ArgumentParser, args: argparse.Namespace) -
     for name in ("pairs", "messages", "concurrent"):
         if getattr(args, name) < 1:
             parser.error(f"invalid --{name} {getattr(args, name)}: must be at least 1")
-    # The reply check reads the round number and chat back from the text.
+    # Each message carries its round number and chat and is padded to this size,
+    # so a smaller size would make messages longer than requested.
     if args.message_bytes < len(f"q{args.messages} chat {args.pairs}"):
         parser.error(f"invalid --message-bytes {args.message_bytes}: too small")
     usable = os.sched_getaffinity(0)
@@ -597,7 +602,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.role == "server":
         raise_fd_limit(2 * args.pairs + RESERVED_FDS)
         cpus = parse_cpu_list(args.cpus) if args.cpus else None
-        # SIGTERM ends the process without trio's help: nothing needs saving.
+        # SIGTERM's default action ends the server at once, which is fine
+        # because it keeps no state.
         trio.run(serve_relay, cpus)
         return 0
     if args.role in ("teachers", "students"):

@@ -20,6 +20,7 @@ import argparse
 import contextlib
 import dataclasses
 import datetime
+import functools
 import http.client
 import json
 import os
@@ -33,6 +34,7 @@ import sys
 import tempfile
 import time
 from collections import Counter
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -63,7 +65,7 @@ class IdleError(Exception):
 
 
 class JoinError(Exception):
-    """The server answered a presence join with an error, or not at all."""
+    """The server rejected a presence join, or sent no reply in time."""
 
 
 @dataclasses.dataclass
@@ -234,14 +236,18 @@ def fetch_worker_connections(port: int) -> int | None:
     return sum(slot.get("connections", 0) for slot in slots) if slots else None
 
 
-def snapshot(port: int, worker: int, children: dict[int, str]) -> dict[str, Any]:
-    """Read the worker's RSS and descriptors, every child's RSS and /stats."""
+def snapshot(
+    port: int, server: int, worker: int, children: dict[int, str]
+) -> dict[str, Any]:
+    """Read the RSS of every server process, the worker's descriptors and /stats."""
+    by_process = {f"shardchat serve (pid {server})": read_rss(server)}
+    for pid, module in children.items():
+        by_process[f"{module} (pid {pid})"] = read_rss(pid)
     return {
         "worker_rss_bytes": read_rss(worker),
+        "server_rss_total_bytes": sum(by_process.values()),
+        "rss_bytes_by_process": by_process,
         "worker_fds": count_fds(worker),
-        "rss_bytes_by_process": {
-            f"{module} (pid {pid})": read_rss(pid) for pid, module in children.items()
-        },
         "worker_connections_in_stats": fetch_worker_connections(port),
     }
 
@@ -346,7 +352,9 @@ async def hold_connection(
 
 
 async def open_and_measure(
-    settings: argparse.Namespace, secret: bytes, measure: Any
+    settings: argparse.Namespace,
+    secret: bytes,
+    measure: Callable[[], dict[str, Any]],
 ) -> tuple[Tally, float, dict[str, Any]]:
     """Open every connection, call measure() while all are held, then close them.
 
@@ -388,12 +396,12 @@ def run(settings: argparse.Namespace, limit_note: str | None) -> dict[str, Any]:
         secret = load_secret(data_dir / "secret")
 
         time.sleep(settings.settle)
-        before = snapshot(settings.port, worker, children)
+        before = snapshot(settings.port, server.pid, worker, children)
         tally, open_s, after = trio.run(
             open_and_measure,
             settings,
             secret,
-            lambda: snapshot(settings.port, worker, children),
+            functools.partial(snapshot, settings.port, server.pid, worker, children),
         )
     finally:
         if server is not None:
@@ -428,6 +436,8 @@ def summarize(
         "worker_rss_before_bytes": before["worker_rss_bytes"],
         "worker_rss_after_bytes": after["worker_rss_bytes"],
         "worker_rss_delta_bytes": delta,
+        "server_rss_total_before_bytes": before["server_rss_total_bytes"],
+        "server_rss_total_after_bytes": after["server_rss_total_bytes"],
         "bytes_per_connection": delta / tally.joined if tally.joined else None,
         "before": before,
         "after": after,
@@ -463,12 +473,14 @@ def build_parser() -> argparse.ArgumentParser:
         default=180.0,
         help="seconds allowed to open every connection (default: 180)",
     )
+
     parser.add_argument(
         "--settle",
         type=float,
         default=1.0,
         help="seconds to wait before each RSS reading (default: 1)",
     )
+
     parser.add_argument(
         "--ws-engine",
         choices=websocket.ENGINES,
@@ -509,6 +521,10 @@ def print_summary(summary: dict[str, Any]) -> None:
         f"{summary['worker_rss_after_bytes'] / mib:.1f} MiB after, "
         f"{summary['worker_rss_delta_bytes'] / mib:+.1f} MiB, "
         + (f"{per_connection:.0f} bytes per connection" if per_connection else "")
+    )
+    print(
+        f"idle: all server processes {summary['server_rss_total_before_bytes'] / mib:.1f}"
+        f" MiB before, {summary['server_rss_total_after_bytes'] / mib:.1f} MiB after"
     )
     print(
         f"idle: worker descriptors {summary['before']['worker_fds']} -> "

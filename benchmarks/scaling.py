@@ -1,17 +1,16 @@
 """Measure how shardchat's reference workload scales with worker processes.
 
-Runs ``shardchat bench`` once per worker count (and websocket engine) in each
-round, rounds interleaved (1, 2, 1, 2, ...) so that load from other programs on
-the machine spreads over every setting, and starts each round with
-``benchmarks/floor.py``: the same message pattern relayed by a bare trio server.
-Wall times on a shared machine are noisy, so the figures to compare are server
+Each round runs ``shardchat bench`` once per worker count and websocket engine,
+so the runs interleave (1, 2, 1, 2, ...) and load from other programs on the
+machine spreads over every setting. Each round starts with ``benchmarks/floor.py``,
+which relays the same message pattern through a bare trio server. Wall times on a shared machine are noisy, so the figures to compare are server
 CPU per relayed message and ratios taken within one round.
 
 Writes scaling.json (machine, every run, medians per setting), scaling.md (a
 table) and scaling.png (relays per second and server CPU per relay against
 workers) to --out.
 
-    python benchmarks/scaling.py --workers 1,2 --repeat 3 --out results/scaling
+    python benchmarks/scaling.py --workers 1,2 --repeat 3 --out benchmarks/results/latest
 """
 
 from __future__ import annotations
@@ -48,7 +47,7 @@ FLOOR_SCRIPT = Path(__file__).resolve().with_name("floor.py")
 
 
 class PinningMethod(enum.Enum):
-    """How the server and the bots are kept to the requested CPUs."""
+    """The mechanism that keeps the server and the bots on the requested CPUs."""
 
     NONE = "none"
     BENCH_OPTIONS = "shardchat bench --server-cpus/--client-cpus"
@@ -151,13 +150,21 @@ def plan_pinning(
             )
         chosen[option] = cpus
 
-    if server_cpus and client_cpus and bench_has_pinning_options():
+    if bench_has_pinning_options():
+        options: list[str] = []
+        for option, text in (
+            ("--server-cpus", server_cpus),
+            ("--client-cpus", client_cpus),
+        ):
+            if text is not None:
+                options += [option, text]
+        server_set = chosen.get("--server-cpus", usable)
         return Pinning(
             PinningMethod.BENCH_OPTIONS,
             server_cpus,
             client_cpus,
-            options=("--server-cpus", server_cpus, "--client-cpus", client_cpus),
-            server_cpu_count=len(chosen["--server-cpus"]),
+            options=tuple(options),
+            server_cpu_count=len(server_set),
         )
 
     if shutil.which("taskset") is None:
@@ -315,6 +322,7 @@ def run_bench(
         "--quiet",
         *pinning.options,
     ]
+
     json_path.unlink(missing_ok=True)
     status = run_logged(argv, log_path, args.timeout + BENCH_GRACE_S)
     record = record_bench(read_json(json_path), status)
@@ -325,7 +333,8 @@ def run_bench(
         log=str(log_path.relative_to(args.out)),
     )
     if not record["ok"]:
-        record["error"] = describe_failure(status, record, log_path)
+        # One line, because it goes into a progress line and a list item.
+        record["error"] = " ".join(describe_failure(status, record, log_path).split())
     return record
 
 
@@ -347,16 +356,19 @@ def record_bench(bench: dict[str, Any] | None, status: int | None) -> dict[str, 
     record: dict[str, Any] = {"ok": ok, "returncode": status}
     if bench is None:
         return record
+
     relays = bench.get("relayed_messages") or 0
     cpu = bench.get("server_cpu_s") or {}
     by_role = {
         role: cpu[role] / relays * 1e6 if relays and role in cpu else None
         for role in ROLES
     }
+    # The router and the matchmaker are single processes at any worker count.
     total = cpu.get("total")
     serial = None
     if total:
         serial = (cpu.get("router", 0.0) + cpu.get("matchmaker", 0.0)) / total
+
     latency = bench.get("latency_ms") or {}
     record.update(
         wall_s=bench.get("wall_s"),
@@ -394,6 +406,7 @@ def run_floor(args: argparse.Namespace, pinning: Pinning, stem: str) -> dict[str
         str(json_path),
         *pinning.options,
     ]
+
     json_path.unlink(missing_ok=True)
     status = run_logged(argv, log_path, FLOOR_TIMEOUT_S)
     floor = read_json(json_path)
@@ -414,7 +427,7 @@ def run_floor(args: argparse.Namespace, pinning: Pinning, stem: str) -> dict[str
         )
     if not ok:
         reason = "timed out" if status is None else f"exited with status {status}"
-        record["error"] = f"{reason}: {tail(log_path)}"
+        record["error"] = " ".join(f"{reason}: {tail(log_path)}".split())
     return record
 
 
@@ -638,10 +651,9 @@ def write_markdown(path: Path, document: dict[str, Any]) -> None:
     ]
     pinning = document["pinning"]
     if pinning["method"] != PinningMethod.NONE.value:
-        lines += [
-            f"Pinning: {pinning['method']}; {pinning['note'] or ''}".rstrip("; "),
-            "",
-        ]
+        note = f" {pinning['note']}." if pinning["note"] else ""
+        lines += [f"Pinning: {pinning['method']}.{note}", ""]
+
     lines += table_rows(document)
     lines += [
         "",
@@ -651,6 +663,7 @@ def write_markdown(path: Path, document: dict[str, Any]) -> None:
         "that worker CPU divides evenly over n workers while the router and the "
         "matchmaker stay single processes.",
     ]
+
     failed = [run for run in document["runs"] if not run["ok"]]
     failed += [run for run in document["floor"]["runs"] if not run["ok"]]
     if failed:
@@ -810,15 +823,18 @@ def build_parser() -> argparse.ArgumentParser:
         help=f"comma-separated websocket engines out of {', '.join(ENGINES)} "
         "(default: wsproto)",
     )
+
     parser.add_argument(
         "--out", type=Path, required=True, help="directory for the results"
     )
+
     parser.add_argument(
         "--server-cpus", help="CPU list for the server, e.g. '0-3' or '4,5'"
     )
     parser.add_argument(
         "--client-cpus", help="CPU list for the bots, e.g. '0-3' or '4,5'"
     )
+
     parser.add_argument(
         "--students", type=int, default=1000, help="student bots (default: 1000)"
     )
@@ -843,6 +859,7 @@ def build_parser() -> argparse.ArgumentParser:
         default=2,
         help="bot processes of each bench (default: 2)",
     )
+
     parser.add_argument(
         "--timeout",
         type=float,
@@ -876,7 +893,7 @@ def run_rounds(
     runs: list[dict[str, Any]],
     floors: list[dict[str, Any]],
 ) -> bool:
-    """Run every round, appending to runs and floors; stop at the first failure.
+    """Run every round, appending to runs and floors, until the first failure.
 
     Returns whether every run succeeded. scaling.json and scaling.md are
     rewritten after each bench run, so an interrupted series leaves its results.

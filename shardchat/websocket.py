@@ -124,8 +124,8 @@ async def serve(
     initial_data are the bytes already read from sock: the request head, maybe
     followed by early frames, or only part of the head, or nothing. An invalid
     request gets an HTTP error response (400 in most cases) and the handler is
-    not called. select_subprotocol may raise HandshakeError to answer
-    the request with that status instead, for example 403 for a bad token.
+    not called. select_subprotocol may raise HandshakeError to reject the
+    request with that status instead, for example 403 for a bad token.
 
     When the handler returns, the connection is closed with NORMAL. When it
     raises, the error is logged with the remote address, the connection is
@@ -139,7 +139,7 @@ async def serve(
         handler: the coroutine function that runs the connection.
         engine: one of ENGINES.
         select_subprotocol: returns one of request.subprotocols, or None.
-        handshake_timeout: maximum seconds to receive and answer the request.
+        handshake_timeout: maximum seconds to receive the request and respond.
         close_timeout: maximum seconds to wait for the peer's close frame.
         max_message_size: maximum size of a received message in bytes. A larger
             message closes the connection with MESSAGE_TOO_BIG.
@@ -233,7 +233,9 @@ async def connect(
 ) -> AsyncIterator[Connection]:
     """Open a client websocket connection with the wsproto engine.
 
-    The connection is closed with NORMAL when the block exits.
+    When the block ends, the connection is closed with NORMAL. When it raises,
+    the socket is closed at once, after a GOING_AWAY frame if the socket takes it
+    without waiting.
 
     Args:
         host: the server's host name or address.

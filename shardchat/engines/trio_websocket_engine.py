@@ -313,7 +313,7 @@ async def accept(
         reject(sock, remote_address, timeout_error)
         raise timeout_error
     # trio-websocket would reject an invalid request itself and then wait
-    # forever for a valid one, so the request is checked before it sees it.
+    # forever for a valid one, so the request is checked before it is parsed.
     start_server_handshake(sock, remote_address, head)
 
     trio_socket = trio.socket.from_stdlib_socket(sock)

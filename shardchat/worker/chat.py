@@ -63,6 +63,7 @@ class Chat:
         "created_at",
         "started_at",
         "chat_log",
+        "log_key",
     )
 
     def __init__(
@@ -83,7 +84,9 @@ class Chat:
         self.created_at = time.time() if created_at is None else created_at
         self.started_at: float | None = None
         self.chat_log = chat_log
-        chat_log.open_chat(chat_id, teacher_id, student_id, self.created_at)
+        self.log_key = chat_log.open_chat(
+            chat_id, teacher_id, student_id, self.created_at
+        )
 
     def role_of(self, user_id: str) -> str | None:
         if user_id == self.teacher_id:
@@ -98,7 +101,7 @@ class Chat:
         if self.state is ChatState.OPEN and len(self.members) == 2:
             self.state = ChatState.READY
             self.started_at = time.time()
-            self.chat_log.start_chat(self.id, self.started_at)
+            self.chat_log.start_chat(self.log_key, self.started_at)
             for seated in self.members.values():
                 seated.deliver("chat:ready", {})
 
@@ -113,7 +116,7 @@ class Chat:
                 receive_event,
                 {"message": message, "seq": self.seq, "sent_at": now * 1000.0},
             )
-        self.chat_log.message(self.id, self.seq, role, message, now)
+        self.chat_log.message(self.log_key, self.seq, role, message, now)
 
     def end(self, reason: str) -> None:
         """Mark the chat ended, tell every seated participant why, close their channels.
@@ -128,7 +131,7 @@ class Chat:
             member.deliver("chat:terminated", {"reason": reason})
             member.close()
         self.members.clear()
-        self.chat_log.end_chat(self.id, time.time(), reason, self.seq)
+        self.chat_log.end_chat(self.log_key, time.time(), reason, self.seq)
 
     def describe(self) -> dict[str, Any]:
         return {
