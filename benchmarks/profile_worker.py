@@ -54,6 +54,7 @@ def main() -> int:
     parser.add_argument("--duration", type=int, default=15, help="seconds to sample")
     parser.add_argument("--ws-engine", default="wsproto")
     parser.add_argument("--students", type=int, default=1000)
+    parser.add_argument("--messages", type=int, default=50)
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
 

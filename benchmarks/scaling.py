@@ -274,6 +274,10 @@ def live_group_members(group: int) -> list[int]:
     return members
 
 
+def flatten_options(options: dict[str, object]) -> list[str]:
+    return [text for name, value in options.items() for text in (name, str(value))]
+
+
 def read_json(path: Path) -> dict[str, Any] | None:
     try:
         return json.loads(path.read_text())
@@ -295,33 +299,19 @@ def run_bench(
     runs_dir = args.out / "runs"
     json_path = runs_dir / f"{stem}.json"
     log_path = runs_dir / f"{stem}.log"
-    argv = [
-        *pinning.prefix,
-        sys.executable,
-        "-m",
-        "shardchat",
-        "bench",
-        "--workers",
-        str(workers),
-        "--ws-engine",
-        engine,
-        "--students",
-        str(args.students),
-        "--teachers",
-        str(args.teachers),
-        "--per-teacher",
-        str(args.per_teacher),
-        "--messages",
-        str(args.messages),
-        "--client-processes",
-        str(args.client_processes),
-        "--timeout",
-        str(args.timeout),
-        "--json",
-        str(json_path),
-        "--quiet",
-        *pinning.options,
-    ]
+    options = {
+        "--workers": workers,
+        "--ws-engine": engine,
+        "--students": args.students,
+        "--teachers": args.teachers,
+        "--per-teacher": args.per_teacher,
+        "--messages": args.messages,
+        "--client-processes": args.client_processes,
+        "--timeout": args.timeout,
+        "--json": json_path,
+    }
+    argv = [*pinning.prefix, sys.executable, "-m", "shardchat", "bench"]
+    argv += [*flatten_options(options), "--quiet", *pinning.options]
 
     json_path.unlink(missing_ok=True)
     status = run_logged(argv, log_path, args.timeout + BENCH_GRACE_S)
@@ -392,20 +382,14 @@ def run_floor(args: argparse.Namespace, pinning: Pinning, stem: str) -> dict[str
     runs_dir = args.out / "runs"
     json_path = runs_dir / f"{stem}.json"
     log_path = runs_dir / f"{stem}.log"
-    argv = [
-        *pinning.prefix,
-        sys.executable,
-        str(FLOOR_SCRIPT),
-        "--pairs",
-        str(args.students),
-        "--messages",
-        str(args.messages),
-        "--concurrent",
-        str(args.teachers * args.per_teacher),
-        "--json",
-        str(json_path),
-        *pinning.options,
-    ]
+    options = {
+        "--pairs": args.students,
+        "--messages": args.messages,
+        "--concurrent": args.teachers * args.per_teacher,
+        "--json": json_path,
+    }
+    argv = [*pinning.prefix, sys.executable, str(FLOOR_SCRIPT)]
+    argv += [*flatten_options(options), *pinning.options]
 
     json_path.unlink(missing_ok=True)
     status = run_logged(argv, log_path, FLOOR_TIMEOUT_S)
@@ -583,6 +567,11 @@ def describe_floor_line(document: dict[str, Any]) -> str:
     )
 
 
+def engine_summaries(document: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """Return the summaries keyed by engine, also when only one engine ran."""
+    return document.get("engines") or {document["summary_engine"]: document["summary"]}
+
+
 def plural(count: int, noun: str) -> str:
     return f"{count} {noun}" if count == 1 else f"{count} {noun}s"
 
@@ -600,9 +589,7 @@ TABLE_HEADER = (
 
 
 def table_rows(document: dict[str, Any]) -> list[str]:
-    engines = document.get("engines") or {
-        document["summary_engine"]: document["summary"]
-    }
+    engines = engine_summaries(document)
     rows = [TABLE_HEADER, "|" + "---|" * TABLE_HEADER.count(" | ") + "---|"]
     for engine, summary in engines.items():
         for workers, s in summary.items():
@@ -643,8 +630,8 @@ def write_markdown(path: Path, document: dict[str, Any]) -> None:
         "",
         f"Workload: {workload['students']} students, {workload['teachers']} teachers "
         f"x {workload['per_teacher']} chats, {workload['messages_per_chat']} messages "
-        f"each side per chat ({relays} relayed messages); {document['repeat']} "
-        "rounds, medians over the rounds.",
+        f"each side per chat ({relays} relayed messages), "
+        f"{plural(document['repeat'], 'round')}, medians over the rounds.",
         "",
         describe_floor_line(document) + ".",
         "",
@@ -679,9 +666,7 @@ def write_plot(path: Path, document: dict[str, Any]) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    engines = document.get("engines") or {
-        document["summary_engine"]: document["summary"]
-    }
+    engines = engine_summaries(document)
     figure, (rate_axes, cpu_axes) = plt.subplots(1, 2, figsize=(11, 4.5))
     for engine, summary in engines.items():
         workers = [int(key) for key in summary]
@@ -777,9 +762,7 @@ def describe_run(record: dict[str, Any]) -> str:
 
 def print_findings(document: dict[str, Any]) -> None:
     base = document["base_workers"]
-    engines = document.get("engines") or {
-        document["summary_engine"]: document["summary"]
-    }
+    engines = engine_summaries(document)
     print()
     for engine, summary in engines.items():
         for workers, s in summary.items():

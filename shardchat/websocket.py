@@ -23,6 +23,9 @@ from dataclasses import dataclass
 from shardchat.close_codes import CloseCode
 from shardchat.exceptions import ConnectionClosed, HandshakeError
 
+if typing.TYPE_CHECKING:
+    import trio
+
 ENGINES = ("wsproto", "trio-websocket")
 DEFAULT_ENGINE = "wsproto"
 
@@ -118,6 +121,7 @@ async def serve(
     close_timeout: float = 5.0,
     max_message_size: int = 1 << 20,
     send_buffer_limit: int = 1 << 20,
+    nursery: trio.Nursery | None = None,
 ) -> None:
     """Accept a websocket connection on an accepted socket and run handler on it.
 
@@ -145,6 +149,8 @@ async def serve(
             message closes the connection with MESSAGE_TOO_BIG.
         send_buffer_limit: maximum bytes waiting to be sent. Past it the peer is
             a slow reader, and the connection is aborted with POLICY_VIOLATION.
+        nursery: a long-lived nursery for the engine's background tasks; with
+            none, the engine opens one per connection.
 
     Raises:
         ValueError: engine is not one of ENGINES.
@@ -162,7 +168,11 @@ async def serve(
                 close_timeout=close_timeout,
                 max_message_size=max_message_size,
                 send_buffer_limit=send_buffer_limit,
+                nursery=nursery,
             ) as connection:
+                # The head is not needed past the handshake; a connection may
+                # live for hours.
+                del initial_data
                 await _run_handler(handler, connection)
         except HandshakeError:
             # The engine has sent the error response and logged the rejection.

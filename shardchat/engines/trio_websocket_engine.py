@@ -290,8 +290,12 @@ async def accept(
     close_timeout: float,
     max_message_size: int,
     send_buffer_limit: int,
+    nursery: trio.Nursery | None = None,
 ) -> AsyncIterator[TrioWebsocketConnection]:
     """Complete the server handshake with trio-websocket and yield the connection.
+
+    ``nursery`` is accepted for interface parity and not used: trio-websocket
+    needs a nursery of each connection's own for its reader task.
 
     Raises:
         HandshakeError: the request was rejected, after the response was sent.

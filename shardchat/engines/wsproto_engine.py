@@ -27,7 +27,6 @@ import enum
 import logging
 import socket
 import struct
-from collections import deque
 from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
 
@@ -68,6 +67,13 @@ __all__ = ["WsprotoConnection", "accept", "connect"]
 _log = logging.getLogger("shardchat.websocket")
 
 RECEIVE_BUFFER_SIZE = 64 * 1024
+
+# One receive buffer for every connection of the process. A read copies the
+# bytes out (into wsproto or a bytes object) before the task can yield, and trio
+# runs one task at a time, so no two reads ever share it. A buffer per
+# connection cost 64 KiB of each idle connection's memory.
+_RECEIVE_BUFFER = bytearray(RECEIVE_BUFFER_SIZE)
+_RECEIVE_VIEW = memoryview(_RECEIVE_BUFFER)
 
 # A client has no close_timeout option, so it waits as long as serve's default.
 CLIENT_CLOSE_TIMEOUT = 5.0
@@ -114,8 +120,9 @@ def _unmask(payload: bytes, mask: bytes) -> bytes:
 class WsprotoConnection:
     """A websocket connection over a non-blocking socket, server or client side.
 
-    receive() may run in one task while other tasks call send(). The writer
-    coroutine, run_writer(), must run in a task of the connection's nursery.
+    receive() may run in one task while other tasks call send(). The backlog
+    writer, started only while writes wait for the socket, runs in the
+    connection's nursery.
     """
 
     __slots__ = (
@@ -134,13 +141,12 @@ class WsprotoConnection:
         "_fragments",
         "_fragments_size",
         "_max_message_size",
-        "_buffer",
-        "_view",
         "_reading",
         "_read_lot",
         "_pending",
         "_send_buffer_limit",
-        "_writer_lot",
+        "_nursery",
+        "_writer_running",
         "_drained_lot",
         "_close_timeout",
         "_simple_frames",
@@ -176,19 +182,24 @@ class WsprotoConnection:
         # more frames, so the close handshake ends at the peer's EOF.
         self._failed = False
 
-        self._messages: deque[str | bytes] = deque()
+        # A list, not a deque: it rarely holds more than one message, and an
+        # empty deque takes 624 bytes of every idle connection's memory.
+        self._messages: list[str | bytes] = []
         self._fragments: list[str | bytes] = []
         self._fragments_size = 0
         self._max_message_size = max_message_size
-        self._buffer = bytearray(RECEIVE_BUFFER_SIZE)
-        self._view = memoryview(self._buffer)
         self._reading = False
-        self._read_lot = trio.lowlevel.ParkingLot()
+        # Parking lots are made when a second task first waits, since most
+        # connections never need them.
+        self._read_lot: trio.lowlevel.ParkingLot | None = None
 
         self._pending = bytearray()
         self._send_buffer_limit = send_buffer_limit
-        self._writer_lot = trio.lowlevel.ParkingLot()
-        self._drained_lot = trio.lowlevel.ParkingLot()
+        # The connection's nursery, set by accept() or connect(); the backlog
+        # writer runs there.
+        self._nursery: trio.Nursery | None = None
+        self._writer_running = False
+        self._drained_lot: trio.lowlevel.ParkingLot | None = None
         self._close_timeout = close_timeout
 
         # Until the first frame that is not a simple text frame, frames are
@@ -219,7 +230,7 @@ class WsprotoConnection:
             if self._state is not ConnectionState.OPEN:
                 raise ConnectionClosed(self._close_code, self._close_reason)
             await self._read_once()
-        return messages.popleft()
+        return messages.pop(0)
 
     def send(self, text: str) -> None:
         """Send a text message at once, or add it to the backlog when one exists.
@@ -270,26 +281,31 @@ class WsprotoConnection:
                     pass
         self._close_socket()
 
-    async def run_writer(self) -> None:
-        """Flush the backlog whenever the socket becomes writable, until it closes."""
+    async def _flush_backlog(self) -> None:
+        """Write the backlog as the socket becomes writable, then end.
+
+        The task exists only while there is a backlog, so an idle connection
+        costs no writer task.
+        """
         sock = self._sock
-        while self._state is not ConnectionState.CLOSED:
-            if not self._pending:
-                await self._writer_lot.park()
-                continue
-            try:
-                await trio.lowlevel.wait_writable(sock)
-            except trio.ClosedResourceError:
-                return
-            try:
-                sent = sock.send(self._pending)
-            except BlockingIOError:
-                continue
-            except OSError:
-                self._abort(CloseCode.ABNORMAL, "")
-                return
-            del self._pending[:sent]
-            if not self._pending:
+        try:
+            while self._pending and self._state is not ConnectionState.CLOSED:
+                try:
+                    await trio.lowlevel.wait_writable(sock)
+                except trio.ClosedResourceError:
+                    return
+                try:
+                    sent = sock.send(self._pending)
+                except BlockingIOError:
+                    continue
+                except OSError:
+                    # EPIPE, ECONNRESET, or the socket closed under us.
+                    self._abort(CloseCode.ABNORMAL, "")
+                    return
+                del self._pending[:sent]
+        finally:
+            self._writer_running = False
+            if self._drained_lot:
                 self._drained_lot.unpark_all()
 
     # Reading
@@ -300,6 +316,8 @@ class WsprotoConnection:
         trio allows one task at a time to wait for a socket to become readable.
         """
         if self._reading:
+            if self._read_lot is None:
+                self._read_lot = trio.lowlevel.ParkingLot()
             await self._read_lot.park()
             return
         self._reading = True
@@ -318,7 +336,7 @@ class WsprotoConnection:
             # Another task aborted the connection, and the state records why.
             return
         try:
-            size = sock.recv_into(self._buffer)
+            size = sock.recv_into(_RECEIVE_BUFFER)
         except BlockingIOError:
             return
         except OSError:
@@ -332,7 +350,7 @@ class WsprotoConnection:
             # Nothing after the close handshake, or after a frame wsproto
             # rejected, is parsed, so it is discarded.
             return
-        self._feed(self._view[:size])
+        self._feed(_RECEIVE_VIEW[:size])
 
     def feed(self, data: bytes) -> None:
         """Parse bytes that arrived before the connection existed."""
@@ -520,12 +538,16 @@ class WsprotoConnection:
             if sent == len(data):
                 return
             pending += memoryview(data)[sent:]
-            self._writer_lot.unpark()
+            if not self._writer_running:
+                self._writer_running = True
+                self._nursery.start_soon(self._flush_backlog)
         if len(pending) > self._send_buffer_limit:
             self._abort_slow_reader()
 
     async def _drain(self) -> None:
         while self._pending and self._state is not ConnectionState.CLOSED:
+            if self._drained_lot is None:
+                self._drained_lot = trio.lowlevel.ParkingLot()
             await self._drained_lot.park()
 
     # Closing
@@ -578,9 +600,10 @@ class WsprotoConnection:
         if self._sock.fileno() != -1:
             trio.lowlevel.notify_closing(self._sock)
             self._sock.close()
-        self._writer_lot.unpark_all()
-        self._drained_lot.unpark_all()
-        self._read_lot.unpark_all()
+        if self._drained_lot:
+            self._drained_lot.unpark_all()
+        if self._read_lot:
+            self._read_lot.unpark_all()
 
 
 async def _send_all(sock: socket.socket, data: bytes) -> None:
@@ -614,12 +637,16 @@ async def accept(
     close_timeout: float,
     max_message_size: int,
     send_buffer_limit: int,
+    nursery: trio.Nursery | None = None,
 ) -> AsyncIterator[WsprotoConnection]:
     """Complete the server handshake on sock and yield the open connection.
 
     On a normal exit the connection is closed with NORMAL unless it is closed
     already. On cancellation a GOING_AWAY frame is sent if the socket takes it at
-    once, and the socket is closed without waiting.
+    once, and the socket is closed without waiting. The backlog writer runs in
+    ``nursery`` when one is given (a server's nursery of all connections), else
+    in a nursery of this connection's own, which costs about 1 KiB more per
+    connection.
 
     Raises:
         HandshakeError: the request was rejected, after the response was sent.
@@ -637,19 +664,29 @@ async def accept(
             max_message_size=max_message_size,
             send_buffer_limit=send_buffer_limit,
         )
+    del initial_data
     if connection is None:
         error = HandshakeError(408, f"handshake timed out after {handshake_timeout} s")
         reject(sock, remote_address, error)
         raise error
 
+    if nursery is not None:
+        connection._nursery = nursery
+        try:
+            yield connection
+            await connection.close()
+        finally:
+            connection.close_now()
+        return
+
     try:
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(connection.run_writer)
+        async with trio.open_nursery() as own_nursery:
+            connection._nursery = own_nursery
             try:
                 yield connection
                 await connection.close()
             finally:
-                nursery.cancel_scope.cancel()
+                own_nursery.cancel_scope.cancel()
     finally:
         connection.close_now()
 
@@ -733,7 +770,7 @@ async def connect(
 
     try:
         async with trio.open_nursery() as nursery:
-            nursery.start_soon(connection.run_writer)
+            connection._nursery = nursery
             try:
                 yield connection
                 await connection.close()

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import array
 import collections
+import functools
 import itertools
 import logging
 import signal
@@ -233,7 +234,7 @@ class Worker:
                 connection.reply_error(message, "chat worker unavailable")
             return
         if slot not in connection.proxied_to:
-            connection.proxied_to.add(slot)
+            connection.proxied_to += (slot,)
             link.send(
                 {
                     "op": "proxy_open",
@@ -321,26 +322,34 @@ class Worker:
     async def serve_socket(self, sock: socket.socket, handoff: dict[str, Any]) -> None:
         identity = tokens.Identity(*handoff["identity"])
         codec = phoenix.CODECS[handoff["vsn"]]
-
-        async def handler(conn: websocket.Connection) -> None:
-            connection = ClientConnection(
-                self, conn, identity, codec, next(self._connection_ids)
-            )
-            self.connections.add(connection)
-            self.connections_by_id[connection.id] = connection
-            try:
-                await connection.run()
-            finally:
-                self.connections.discard(connection)
-                del self.connections_by_id[connection.id]
-
+        # A partial, not a closure: it is kept for the connection's lifetime
+        # and costs less memory.
+        handler = functools.partial(self.run_connection, identity, codec)
         await websocket.serve(
             sock,
-            handoff["head"],
+            handoff.pop("head"),
             handler,
             engine=self.ws_engine,
             select_subprotocol=_select_subprotocol,
+            nursery=self.connection_nursery,
         )
+
+    async def run_connection(
+        self,
+        identity: tokens.Identity,
+        codec: phoenix.Codec,
+        websocket_connection: websocket.Connection,
+    ) -> None:
+        connection = ClientConnection(
+            self, websocket_connection, identity, codec, next(self._connection_ids)
+        )
+        self.connections.add(connection)
+        self.connections_by_id[connection.id] = connection
+        try:
+            await connection.run()
+        finally:
+            self.connections.discard(connection)
+            del self.connections_by_id[connection.id]
 
     async def sweep_idle(self) -> None:
         """Close connections silent for longer than the idle timeout."""
