@@ -553,8 +553,11 @@ async function learn(t, chat) {
 async function committedChatLog(chatId, count) {
   const deadline = Date.now() + STEP_MS
   for (;;) {
-    const log = await fetchJson(MAIN, `/chats/${chatId}/messages`)
-    if (log.chat.ended_at !== null && log.messages.length === count) {
+    // The log is committed in batches, so the chat may not be there yet (404).
+    const response = await fetch(`${MAIN.url}/chats/${chatId}/messages`)
+    assert.ok([200, 404].includes(response.status), `GET /chats/${chatId}/messages`)
+    const log = response.status === 200 ? await response.json() : null
+    if (log && log.chat.ended_at !== null && log.messages.length === count) {
       return log
     }
     if (Date.now() >= deadline) {
