@@ -26,8 +26,8 @@ import trio
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from shardchat.exceptions import ConnectionClosed  # noqa: E402
-from shardchat.websocket import ENGINES, Connection, connect, serve  # noqa: E402
+from shardchat.exceptions import ConnectionClosed
+from shardchat.websocket import ENGINES, Connection, connect, serve
 
 SERVER_CPU = 0
 CLIENT_CPU = 1

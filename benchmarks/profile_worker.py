@@ -90,15 +90,17 @@ def main() -> int:
     worker = find_worker(server_pid)
     py_spy = Path(sys.executable).with_name("py-spy")
     stem = args.out / f"worker-{args.ws_engine}"
-    for output_format, suffix in (("flamegraph", ".svg"), ("raw", ".txt")):
-        subprocess.run(
+    # Both recorders sample the same stretch of the run; with --nonblocking
+    # they read the worker's memory without stopping it.
+    recorders = [
+        subprocess.Popen(
             [
                 str(py_spy),
                 "record",
                 "--pid",
                 str(worker),
                 "--duration",
-                str(args.duration // 2),
+                str(args.duration),
                 "--rate",
                 "200",
                 "--format",
@@ -107,9 +109,13 @@ def main() -> int:
                 str(stem.with_suffix(suffix)),
                 "--nonblocking",
             ],
-            check=True,
-            capture_output=True,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
         )
+        for output_format, suffix in (("flamegraph", ".svg"), ("raw", ".txt"))
+    ]
+    for recorder in recorders:
+        recorder.wait(timeout=args.duration + 60)
     for line in bench.stderr:
         sys.stderr.write(line)
     status = bench.wait()
