@@ -1,11 +1,11 @@
 """The router process.
 
 The router owns the listening socket. For each connection it reads only the
-HTTP request head, under a deadline and a size cap, and then either answers
-it (health, stats, chat logs, errors) or, for a websocket upgrade, verifies
-the token, picks the worker by rendezvous hashing and passes the socket
-itself to that worker with SCM_RIGHTS, together with every byte already read.
-It never reads a websocket frame.
+HTTP request head, under a deadline and a size cap. It responds to plain
+requests itself (health, stats, chat logs, pages, errors). For a websocket
+upgrade it verifies the token, picks the worker by rendezvous hashing and
+passes the socket itself to that worker with SCM_RIGHTS, together with every
+byte already read. It never reads a websocket frame.
 """
 
 from __future__ import annotations
@@ -190,7 +190,7 @@ class Router:
     async def route(
         self, client: trio.socket.SocketType, address: Any, initial: bytes = b""
     ) -> bool:
-        """Answer or hand off one connection; return True if it was handed off."""
+        """Respond to or hand off one connection; return True if it was handed off."""
         received = await self.read_head(client, initial)
         if received is None:
             return False
@@ -223,7 +223,7 @@ class Router:
     async def read_head(
         self, client: trio.socket.SocketType, initial: bytes = b""
     ) -> bytearray | None:
-        """Read until the end of the request head, or answer 408/431 and return None."""
+        """Read until the end of the request head, or respond 408/431 and return None."""
         buffer = bytearray(initial)
         with trio.move_on_after(HEAD_TIMEOUT_S):
             while not http.head_length(buffer):
@@ -309,8 +309,8 @@ class Router:
             )
         token = request.query.get("token") or _bearer_token(request)
         if not token and self.insecure_join_identity:
-            # The join payloads will say who the user is; place by the
-            # userId parameter when the client sends one.
+            # The join payloads name the user, so place by the userId
+            # parameter when the client sends one.
             user_id = request.query.get("userId") or secrets.token_hex(8)
             return tokens.Identity(user_id, tokens.ANONYMOUS_ROLE, 0), vsn
         if not token:

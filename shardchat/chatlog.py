@@ -24,8 +24,8 @@ log = logging.getLogger("shardchat.chatlog")
 FLUSH_INTERVAL_S = 0.1
 FLUSH_ROWS = 5000
 
-# Messages refer to their chat by the chat row's integer key: an index on
-# (integer, integer) costs about 2.8 us per inserted row where one on the
+# Messages refer to their chat by the chat row's integer key, because an index
+# on (integer, integer) costs about 2.8 us per inserted row. One on the
 # 16-character chat id costs about 6.8 us, and a WITHOUT ROWID table keyed on
 # the chat id about 13 us (sqlite3 of Python 3.11, batches of 500 rows, 1000
 # interleaved chats, on the 2-core machine the benchmarks run on).
@@ -174,7 +174,7 @@ class ChatLog:
 
 
 def read_chat(data_dir: Path, slots: int | None, chat_id: str) -> dict | None:
-    """Read one chat and its messages in order, or None if no log holds it.
+    """Read one chat and its messages in order, or None if no log contains it.
 
     The slot the chat hashes to is searched first; the others follow, because
     the data directory may have been written with another worker count.

@@ -118,7 +118,9 @@ def test_masked_encoder_round_trips_through_wsproto():
     texts = ["", "hi", "ü" * 100, "x" * 70000]
     for item in texts:
         server.receive_data(encode_masked_text_frame(item))
-    received = [event.data for event in server.events() if isinstance(event, TextMessage)]
+    received = [
+        event.data for event in server.events() if isinstance(event, TextMessage)
+    ]
     assert received == texts
 
 

@@ -122,7 +122,7 @@ def encode_masked_text_frame(text: str) -> bytes:
     """Encode text as one final text frame masked with a fresh random key.
 
     A client must mask every frame with a key from a strong source of entropy
-    (RFC 6455 section 5.3); this costs about a tenth of wsproto's encoder for
+    (RFC 6455 section 5.3). This costs about a tenth of wsproto's encoder for
     a chat message.
     """
     payload = text.encode("utf-8")
@@ -202,8 +202,8 @@ class WsprotoConnection:
         # more frames, so the close handshake ends at the peer's EOF.
         self._failed = False
 
-        # A list, not a deque: it rarely holds more than one message, and an
-        # empty deque takes 624 bytes of every idle connection's memory.
+        # A list, not a deque, because it rarely contains more than one message
+        # and an empty deque takes 624 bytes of every idle connection's memory.
         self._messages: list[str | bytes] = []
         self._fragments: list[str | bytes] = []
         self._fragments_size = 0

@@ -1,4 +1,4 @@
-"""A chat as its worker holds it: participants, sequence numbers, relaying.
+"""A chat as its worker keeps it: participants, sequence numbers, relaying.
 
 Both participants of a chat connect to the chat's worker, so relaying a chat
 message is one decode, one encode and one socket write in one process. Each
