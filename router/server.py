@@ -34,6 +34,8 @@ from shardchat.ipc import Link
 log = logging.getLogger("shardchat.router")
 
 HEAD_TIMEOUT_S = 10.0
+# Unexpected request failures logged with a traceback; later ones are counted.
+FAILURES_LOGGED = 10
 # Connections accepted per wakeup before other tasks get a turn.
 ACCEPT_BATCH = 64
 READ_SIZE = 8192
@@ -95,6 +97,7 @@ class Router:
         self._request_ids = itertools.count(1)
         self._pending: dict[int, trio.MemorySendChannel] = {}
         self.handed_off = 0
+        self.failures = 0
 
     # Accepting.
 
@@ -122,7 +125,13 @@ class Router:
                         log.error("accept failed: %s; retrying in 100 ms", exc)
                         await trio.sleep(0.1)
                         break
-                    received = self.hand_off_at_once(client, address)
+                    try:
+                        received = self.hand_off_at_once(client, address)
+                    except Exception:
+                        # One bad connection must never stop the router.
+                        self.log_failure(address)
+                        client.close()
+                        continue
                     if received is not None:
                         nursery.start_soon(
                             self.handle_client,
@@ -183,9 +192,24 @@ class Router:
             handed_off = await self.route(client, address, received)
         except OSError as exc:
             log.debug("client %s: %s", address, exc)
+        except Exception:
+            # One bad connection must never stop the router.
+            self.log_failure(address)
         finally:
             if not handed_off:
                 client.close()
+
+    def log_failure(self, address: Any) -> None:
+        """Log an unexpected error on one connection, with its traceback the first times."""
+        self.failures += 1
+        if self.failures <= FAILURES_LOGGED:
+            log.exception(
+                "client %s: request handling failed; connection closed", address
+            )
+        elif self.failures % FAILURES_LOGGED == 0:
+            log.error(
+                "%d requests failed so far; see the first tracebacks", self.failures
+            )
 
     async def route(
         self, client: trio.socket.SocketType, address: Any, initial: bytes = b""
@@ -409,7 +433,8 @@ def _bearer_token(request: http.Request) -> str | None:
                 return base64.urlsafe_b64decode(
                     encoded + "=" * (-len(encoded) % 4)
                 ).decode()
-            except (binascii.Error, UnicodeDecodeError):
+            except (binascii.Error, ValueError):
+                # ValueError covers non-ASCII text and UnicodeDecodeError.
                 return None
     return None
 

@@ -135,7 +135,12 @@ def run_serve(args: argparse.Namespace) -> int:
             "(127.0.0.1, ::1, localhost)"
         )
     data_dir = args.data_dir.resolve()
-    data_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        data_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ConfigurationError(
+            f"cannot create --data-dir {data_dir}: {exc}"
+        ) from None
     secret_file = args.secret_file or tokens.ensure_secret(data_dir)
     tokens.load_secret(secret_file)  # fail here, not in every child
     process.setup_logging(args.log_level)
@@ -171,11 +176,17 @@ def _is_loopback(host: str) -> bool:
 def run_token(args: argparse.Namespace) -> int:
     secret_file = args.secret_file or args.data_dir / tokens.SECRET_FILE_NAME
     secret = tokens.load_secret(secret_file)
-    print(tokens.mint(secret, args.user, args.role, ttl_s=args.ttl))
+    try:
+        token = tokens.mint(secret, args.user, args.role, ttl_s=args.ttl)
+    except ValueError as exc:
+        raise ConfigurationError(str(exc)) from None
+    print(token)
     return 0
 
 
 def run_logs(args: argparse.Namespace) -> int:
+    if not args.data_dir.is_dir():
+        raise ConfigurationError(f"data directory not found: {args.data_dir}")
     chat = chatlog.read_chat(args.data_dir, None, args.chat_id)
     if chat is None:
         print(
@@ -214,6 +225,10 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except KeyboardInterrupt:
         return 130
+    except BrokenPipeError:
+        # The reader of the output went away (`shardchat logs ID | head`).
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
 
 
 if __name__ == "__main__":

@@ -12,6 +12,7 @@ also receives SIGTERM if the supervisor itself dies.
 
 from __future__ import annotations
 
+import fcntl
 import logging
 import os
 import signal
@@ -22,8 +23,11 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from shardchat.exceptions import ConfigurationError
+
 log = logging.getLogger("shardchat.supervisor")
 
+LOCK_FILE_NAME = "serve.lock"
 EXIT_OK = 0
 EXIT_CHILD_DIED = 3
 STOP_TIMEOUT_S = 10.0
@@ -271,10 +275,51 @@ _STOP_ORDER = {"router": 0, "worker": 1, "matchmaker": 2}
 
 
 def serve(options: Options) -> int:
-    """Run ``shardchat serve``: listen, spawn, print the address, supervise."""
+    """Run ``shardchat serve``: listen, spawn, print the address, supervise.
+
+    Raises:
+        ConfigurationError: the data directory is in use by another server,
+            or the address cannot be listened on.
+    """
+    lock = lock_data_dir(options.data_dir)
     supervisor = Supervisor(options)
-    listener = supervisor.listen()
+    try:
+        listener = supervisor.listen()
+    except OSError as exc:
+        lock.close()
+        raise ConfigurationError(
+            f"cannot listen on {options.host}:{options.port}: {exc.strerror or exc}"
+        ) from None
     host = options.host if ":" not in options.host else f"[{options.host}]"
     supervisor.spawn_all(listener)
     print(f"shardchat listening on http://{host}:{supervisor.port}", flush=True)
-    return supervisor.run()
+    try:
+        return supervisor.run()
+    finally:
+        lock.close()
+
+
+def lock_data_dir(data_dir: Path):
+    """Hold an exclusive lock on the data directory while the server runs.
+
+    Two servers writing the same chat log files would mix their chats, so a
+    second one is rejected. The kernel drops the lock when the process ends,
+    even by SIGKILL, so a stale lock file never blocks a restart.
+    """
+    path = data_dir / LOCK_FILE_NAME
+    lock = open(path, "a+")
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        lock.seek(0)
+        holder = lock.read().strip() or "unknown"
+        lock.close()
+        raise ConfigurationError(
+            f"data directory {data_dir} is in use by another shardchat serve "
+            f"(pid {holder}); stop it or choose another --data-dir"
+        ) from None
+    lock.seek(0)
+    lock.truncate()
+    lock.write(f"{os.getpid()}\n")
+    lock.flush()
+    return lock

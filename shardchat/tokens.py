@@ -31,6 +31,11 @@ ANONYMOUS_ROLE = "anonymous"
 DEFAULT_TTL_S = 24 * 3600
 SECRET_BYTES = 32
 SECRET_FILE_NAME = "secret"
+MAX_ID_LENGTH = 128
+# Expiry times past the year 9999 are rejected, which also keeps them within
+# the 64-bit integers that msgpack carries between processes.
+MAX_EXPIRY = 253402300799
+MAX_TTL_S = 10 * 365 * 24 * 3600
 
 
 class Identity(NamedTuple):
@@ -70,8 +75,12 @@ def mint(
     """
     if role not in ROLES:
         raise ValueError(f"invalid role {role!r}: expected one of {ROLES}")
-    if not user_id:
-        raise ValueError("invalid user id: must not be empty")
+    if not user_id or len(user_id) > MAX_ID_LENGTH:
+        raise ValueError(
+            f"invalid user id {user_id!r}: must be 1 to {MAX_ID_LENGTH} characters"
+        )
+    if not 0 < ttl_s <= MAX_TTL_S:
+        raise ValueError(f"invalid ttl {ttl_s} s: must be 1 to {MAX_TTL_S} seconds")
     issued = time.time() if now is None else now
     payload: dict[str, object] = {"u": user_id, "r": role, "x": int(issued + ttl_s)}
     if chat is not None:
@@ -100,22 +109,35 @@ def verify(secret: bytes, token: str, *, now: float | None = None) -> Identity:
         raise TokenError("invalid token signature")
     try:
         payload = json.loads(body)
-        identity = Identity(
-            user_id=str(payload["u"]),
-            role=str(payload["r"]),
-            expires_at=int(payload["x"]),
-            chat_id=payload.get("c"),
-            teacher_id=payload.get("t"),
-            student_id=payload.get("s"),
-        )
-    except (ValueError, KeyError, TypeError, AttributeError) as exc:
+    except ValueError as exc:
         raise TokenError("malformed token: invalid payload") from exc
-    if identity.role not in ROLES:
-        raise TokenError(f"invalid token role {identity.role!r}")
+    identity = _identity_from_payload(payload)
     current = time.time() if now is None else now
     if identity.expires_at < current:
         raise TokenError("token expired")
     return identity
+
+
+def _identity_from_payload(payload: object) -> Identity:
+    """Check the payload's fields and types; a signature alone proves no shape."""
+    if not isinstance(payload, dict):
+        raise TokenError("malformed token: payload is not an object")
+    user_id = payload.get("u")
+    role = payload.get("r")
+    expires_at = payload.get("x")
+    if not isinstance(user_id, str) or not user_id or len(user_id) > MAX_ID_LENGTH:
+        raise TokenError("malformed token: invalid user id")
+    if role not in ROLES:
+        raise TokenError(f"invalid token role {role!r}")
+    if type(expires_at) is not int or not 0 <= expires_at <= MAX_EXPIRY:
+        raise TokenError("malformed token: invalid expiry")
+    chat = [payload.get(key) for key in ("c", "t", "s")]
+    if any(value is not None for value in chat) and not all(
+        isinstance(value, str) and value and len(value) <= MAX_ID_LENGTH
+        for value in chat
+    ):
+        raise TokenError("malformed token: invalid chat fields")
+    return Identity(user_id, role, expires_at, *chat)
 
 
 def load_secret(path: Path) -> bytes:
@@ -124,6 +146,10 @@ def load_secret(path: Path) -> bytes:
         text = path.read_text().strip()
     except OSError as exc:
         raise ConfigurationError(f"cannot read secret file {path}: {exc}") from exc
+    except UnicodeDecodeError:
+        raise ConfigurationError(
+            f"invalid secret file {path}: expected hex text"
+        ) from None
     try:
         secret = bytes.fromhex(text)
     except ValueError as exc:

@@ -379,3 +379,15 @@ async def test_single_socket_chats_across_workers(server_factory):
 
         log = await wait_for(logged)
         assert [row["body"] for row in log["messages"]] == ["q1", "a1", "q2", "a2"]
+
+
+async def test_chat_rejoin_elsewhere_closes_old_channel(server):
+    async with AsyncExitStack() as stack:
+        teacher = await open_teacher(stack, server, "t1")
+        await open_student(stack, server, "s1")
+        chat = (await teacher.claim()).payload["response"]["chat"]
+        topic = f"chats:{chat['id']}"
+        first, first_ref = await open_chat(stack, server, chat)
+        await open_chat(stack, server, chat)
+        closed = await first.push_event(topic, "phx_close")
+        assert closed.join_ref == first_ref

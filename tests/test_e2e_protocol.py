@@ -229,3 +229,42 @@ async def test_protocol_authtoken_subprotocol(server):
 def test_stats_after_shutdown_is_clean(server):
     # The server fixture asserts a zero exit status on SIGTERM.
     assert json.loads(server.get("/stats")[1])["queue_length"] == 0
+
+
+def test_router_survives_non_ascii_bearer(server):
+    head = (
+        "GET /socket/websocket?vsn=2.0.0 HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\n"
+        "Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
+        "Sec-WebSocket-Version: 13\r\n"
+        "Sec-WebSocket-Protocol: base64url.bearer.phx.\u00e9, phoenix\r\n\r\n"
+    ).encode("utf-8")
+    answer = raw_request(server, head)
+    assert answer.startswith(b"HTTP/1.1 403 ")
+    assert server.get("/healthz") == (200, b"ok\n")
+
+
+def test_router_survives_huge_expiry_token(server):
+    import base64
+    import hashlib
+    import hmac
+    import json as json_module
+
+    body = json_module.dumps({"u": "s1", "r": "student", "x": 10**20}).encode()
+    signature = hmac.new(server.secret, body, hashlib.sha256).digest()
+    token = ".".join(
+        base64.urlsafe_b64encode(part).rstrip(b"=").decode()
+        for part in (body, signature)
+    )
+    status, body = server.get(f"/socket/websocket?vsn=2.0.0&token={token}")
+    assert status in (400, 403)
+    answer = raw_request(
+        server,
+        (
+            f"GET /socket/websocket?vsn=2.0.0&token={token} HTTP/1.1\r\nHost: x\r\n"
+            "Upgrade: websocket\r\nConnection: Upgrade\r\n"
+            "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
+        ).encode(),
+    )
+    assert answer.startswith(b"HTTP/1.1 403 ")
+    assert b"malformed token: invalid expiry" in answer
+    assert server.get("/healthz") == (200, b"ok\n")

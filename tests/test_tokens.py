@@ -90,3 +90,50 @@ def test_tokens_load_secret_not_hex(tmp_path):
     path.write_text("not hex at all\n")
     with pytest.raises(ConfigurationError, match="expected hex text"):
         tokens.load_secret(path)
+
+
+def _signed(payload: dict) -> str:
+    import base64
+    import hashlib
+    import hmac
+    import json
+
+    body = json.dumps(payload).encode()
+    signature = hmac.new(SECRET, body, hashlib.sha256).digest()
+
+    def encode(data: bytes) -> str:
+        return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
+
+    return f"{encode(body)}.{encode(signature)}"
+
+
+@pytest.mark.parametrize(
+    ("payload", "message"),
+    [
+        ([1, 2], "malformed token: payload is not an object"),
+        ({"u": 5, "r": "student", "x": 10**9 * 5}, "malformed token: invalid user id"),
+        ({"u": "", "r": "student", "x": 10**9 * 5}, "malformed token: invalid user id"),
+        ({"u": "s", "r": "student", "x": "soon"}, "malformed token: invalid expiry"),
+        ({"u": "s", "r": "student", "x": 1.5e9}, "malformed token: invalid expiry"),
+        ({"u": "s", "r": "student", "x": 10**30}, "malformed token: invalid expiry"),
+        ({"u": "s", "r": "admin", "x": 10**9 * 5}, "invalid token role 'admin'"),
+        (
+            {"u": "s", "r": "student", "x": 10**9 * 5, "c": "c1"},
+            "malformed token: invalid chat fields",
+        ),
+    ],
+)
+def test_tokens_signed_but_invalid_payload(payload, message):
+    with pytest.raises(TokenError) as info:
+        tokens.verify(SECRET, _signed(payload), now=0)
+    assert str(info.value) == message
+
+
+def test_tokens_non_ascii_token_rejected():
+    with pytest.raises(TokenError, match="malformed token: invalid base64url"):
+        tokens.verify(SECRET, "é.é")
+
+
+def test_tokens_mint_rejects_bad_ttl():
+    with pytest.raises(ValueError, match="invalid ttl 0 s"):
+        tokens.mint(SECRET, "s1", "student", ttl_s=0)

@@ -57,7 +57,7 @@ class MatchmakerServer:
                 log.info("worker slot %d connected", expected_slot)
             else:
                 self.handle_worker(expected_slot, message)
-        log.error(
+        log.warning(
             "worker slot %d link closed; dropping its users and chats", expected_slot
         )
         self.workers.pop(expected_slot, None)

@@ -96,8 +96,15 @@ class Chat:
         return None
 
     def join(self, role: str, member: Member) -> None:
-        """Seat a participant; the second one to arrive makes the chat ready."""
+        """Seat a participant; the second one to arrive makes the chat ready.
+
+        A participant who joins again from another channel takes the seat, and
+        the old channel is closed so it does not wait for frames that go elsewhere.
+        """
+        previous = self.members.get(role)
         self.members[role] = member
+        if previous is not None and previous.connection is not member.connection:
+            previous.close()
         if self.state is ChatState.OPEN and len(self.members) == 2:
             self.state = ChatState.READY
             self.started_at = time.time()

@@ -166,7 +166,7 @@ class Worker:
         link.send({"op": "hello", "slot": self.slot})
         async for message in link.messages():
             self.handle_matchmaker(message)
-        log.error("slot %d: matchmaker link closed", self.slot)
+        log.warning("slot %d: matchmaker link closed (matchmaker stopped)", self.slot)
 
     def handle_matchmaker(self, message: dict[str, Any]) -> None:
         op = message["op"]
@@ -297,7 +297,9 @@ class Worker:
         while True:
             data, ancillary, flags, _ = await channel.recvmsg(HANDOFF_BUFFER, fd_space)
             if not data and not ancillary:
-                log.error("slot %d: router hand-off socket closed", self.slot)
+                log.warning(
+                    "slot %d: router hand-off socket closed (router stopped)", self.slot
+                )
                 return
             fds = _received_fds(ancillary)
             if flags & socket.MSG_CTRUNC or not fds:
