@@ -128,6 +128,10 @@ def run_serve(args: argparse.Namespace) -> int:
         )
     if not 0 <= args.port <= 65535:
         raise ConfigurationError(f"invalid --port {args.port}: must be 0 to 65535")
+    if not args.socket_path.startswith("/"):
+        raise ConfigurationError(
+            f"invalid --socket-path {args.socket_path!r}: must start with /"
+        )
     if args.insecure_join_identity and not _is_loopback(args.host):
         raise ConfigurationError(
             f"--insecure-join-identity is refused with --host {args.host}: it lets "

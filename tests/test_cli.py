@@ -93,3 +93,9 @@ def test_cli_token_round_trip(tmp_path):
     assert result.returncode == 0
     identity = tokens.verify(bytes.fromhex("ab" * 32), result.stdout.strip())
     assert identity.user_id == "s1"
+
+
+def test_cli_socket_path_needs_slash(tmp_path):
+    result = run_cli("serve", "--socket-path", "ws", "--data-dir", str(tmp_path))
+    assert result.returncode == 2
+    assert "invalid --socket-path 'ws': must start with /" in result.stderr

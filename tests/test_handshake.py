@@ -64,3 +64,69 @@ def test_handshake_426_names_supported_version():
     response = handshake.rejection_response(HandshakeError(426, "x"))
     assert response.startswith(b"HTTP/1.1 426 Upgrade Required\r\n")
     assert b"Sec-WebSocket-Version: 13\r\n" in response
+
+
+def response_head(status: str = "101 Switching Protocols", **headers: str) -> bytes:
+    fields = {
+        "Upgrade": "websocket",
+        "Connection": "Upgrade",
+        "Sec-WebSocket-Accept": handshake.accept_value(KEY),
+    }
+    fields.update(headers)
+    lines = [f"HTTP/1.1 {status}"]
+    lines += [f"{name}: {value}" for name, value in fields.items() if value]
+    return "\r\n".join(lines).encode()
+
+
+def test_handshake_client_request_shape():
+    request = handshake.client_request(
+        "127.0.0.1:4000",
+        "/socket/websocket?vsn=2.0.0",
+        KEY,
+        ["phoenix"],
+        [("X-Test", "1")],
+    )
+    upgrade = handshake.check_upgrade(request)
+    assert upgrade.key == KEY
+    assert upgrade.request.subprotocols == ("phoenix",)
+    assert ("x-test", "1") in upgrade.request.headers
+
+
+def test_handshake_client_accepts_valid_response():
+    assert handshake.check_response(response_head(), KEY, ()) is None
+    selected = response_head(**{"Sec-WebSocket-Protocol": "phoenix"})
+    assert handshake.check_response(selected, KEY, ["phoenix"]) == "phoenix"
+
+
+@pytest.mark.parametrize(
+    ("head", "status", "message"),
+    [
+        (response_head("403 Forbidden"), 403, "rejected with status 403"),
+        (
+            response_head(**{"Sec-WebSocket-Accept": "wrong"}),
+            0,
+            "wrong Sec-WebSocket-Accept",
+        ),
+        (response_head(**{"Upgrade": ""}), 0, "missing Upgrade: websocket"),
+        (
+            response_head(**{"Sec-WebSocket-Protocol": "other"}),
+            0,
+            "'other' was not offered",
+        ),
+        (b"SSH-2.0-OpenSSH", 0, "invalid handshake response"),
+    ],
+)
+def test_handshake_client_rejects_response(head, status, message):
+    with pytest.raises(HandshakeError) as info:
+        handshake.check_response(head, KEY, ["phoenix"])
+    assert info.value.status == status
+    assert message in str(info.value)
+
+
+def test_handshake_new_keys_are_valid_and_fresh():
+    keys = {handshake.new_key() for _ in range(10)}
+    assert len(keys) == 10
+    for key in keys:
+        assert (
+            handshake.check_upgrade(handshake.client_request("h", "/", key)).key == key
+        )

@@ -36,17 +36,13 @@ from wsproto import ConnectionType
 from wsproto.connection import Connection as ProtocolConnection
 from wsproto.connection import ConnectionState as ProtocolState
 from wsproto.events import (
-    AcceptConnection,
     BytesMessage,
     CloseConnection,
     Event,
     Ping,
-    RejectConnection,
-    Request,
     TextMessage,
 )
-from wsproto.handshake import H11Handshake
-from wsproto.utilities import LocalProtocolError, RemoteProtocolError
+from wsproto.utilities import LocalProtocolError
 
 from shardchat.close_codes import CloseCode
 from shardchat.engines import (
@@ -68,6 +64,7 @@ __all__ = ["WsprotoConnection", "accept", "connect"]
 _log = logging.getLogger("shardchat.websocket")
 
 RECEIVE_BUFFER_SIZE = 64 * 1024
+MAX_RESPONSE_HEAD = 16 * 1024
 
 # One receive buffer for every connection of the process. A read copies the
 # bytes out (into wsproto or a bytes object) before the task can yield, and trio
@@ -438,9 +435,6 @@ class WsprotoConnection:
             position = start + length
         self._partial = buffer[position:]
         return b""
-
-    def disable_simple_frames(self) -> None:
-        self._simple_frames = False
 
     def _leave_simple_frames(self, buffer: bytes, position: int) -> bytes:
         self._simple_frames = False
@@ -833,71 +827,61 @@ async def _connect_handshake(
     send_buffer_limit: int,
 ) -> WsprotoConnection:
     host_header = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-    # H11Handshake, unlike WSConnection, leaves the events of frames that came
-    # with the 101 response to the connection it creates.
-    handshake = H11Handshake(ConnectionType.CLIENT)
+    key = handshake.new_key()
     await _send_all(
         sock,
-        handshake.send(
-            Request(
-                host=host_header,
-                target=resource,
-                subprotocols=list(subprotocols),
-                extra_headers=[
-                    (name.encode("latin-1"), value.encode("latin-1"))
-                    for name, value in extra_headers
-                ],
-            )
+        handshake.client_request(
+            host_header, resource, key, subprotocols, extra_headers
         ),
     )
 
     remote_address = format_address(sock)
     received = bytearray()
     while True:
+        end = received.find(b"\r\n\r\n")
+        if end >= 0:
+            break
+        if len(received) > MAX_RESPONSE_HEAD:
+            raise HandshakeError(
+                0,
+                f"handshake response from {remote_address} exceeds {MAX_RESPONSE_HEAD} bytes",
+            )
         await trio.lowlevel.wait_readable(sock)
         try:
             chunk = sock.recv(RECEIVE_BUFFER_SIZE)
         except BlockingIOError:
             continue
-        received += chunk
         if not chunk:
             raise HandshakeError(
                 0, f"{remote_address} closed the connection during the handshake"
             )
-        try:
-            handshake.receive_data(chunk)
-            events = list(handshake.events())
-        except RemoteProtocolError as exc:
+        received += chunk
+    try:
+        subprotocol = handshake.check_response(bytes(received[:end]), key, subprotocols)
+    except HandshakeError as error:
+        if error.status:
             raise HandshakeError(
-                0, f"invalid handshake response from {remote_address}: {exc}"
+                error.status,
+                f"{remote_address} rejected the websocket upgrade with "
+                f"status {error.status}",
             ) from None
-        for event in events:
-            if isinstance(event, RejectConnection):
-                raise HandshakeError(
-                    event.status_code,
-                    f"{remote_address} rejected the websocket upgrade with "
-                    f"status {event.status_code}",
-                )
-            if isinstance(event, AcceptConnection):
-                protocol = handshake.connection
-                assert protocol is not None
-                headers = [("host", host_header)]
-                headers += [(name.lower(), value) for name, value in extra_headers]
-                if subprotocols:
-                    headers.append(("sec-websocket-protocol", ", ".join(subprotocols)))
-                connection = WsprotoConnection(
-                    sock,
-                    protocol,
-                    client=True,
-                    request=make_request(resource, headers),
-                    subprotocol=event.subprotocol,
-                    remote_address=remote_address,
-                    close_timeout=CLIENT_CLOSE_TIMEOUT,
-                    max_message_size=max_message_size,
-                    send_buffer_limit=send_buffer_limit,
-                )
-                if len(received) > received.find(b"\r\n\r\n") + 4:
-                    # Frames that came with the response went to wsproto,
-                    # maybe a partial one, so wsproto parses all that follow.
-                    connection.disable_simple_frames()
-                return connection
+        raise HandshakeError(0, f"{error} (from {remote_address})") from None
+
+    headers = [("host", host_header)]
+    headers += [(name.lower(), value) for name, value in extra_headers]
+    if subprotocols:
+        headers.append(("sec-websocket-protocol", ", ".join(subprotocols)))
+    connection = WsprotoConnection(
+        sock,
+        ProtocolConnection(ConnectionType.CLIENT),
+        client=True,
+        request=make_request(resource, headers),
+        subprotocol=subprotocol,
+        remote_address=remote_address,
+        close_timeout=CLIENT_CLOSE_TIMEOUT,
+        max_message_size=max_message_size,
+        send_buffer_limit=send_buffer_limit,
+    )
+    # Frames that came with the response are parsed like any later ones.
+    connection.feed(bytes(received[end + 4 :]))
+    return connection
