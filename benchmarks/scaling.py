@@ -34,6 +34,7 @@ from typing import Any
 
 from floor import parse_cpu_list
 
+from shardchat.bench import runner
 from shardchat.websocket import ENGINES
 
 # Seconds a bench process may run past its own --timeout: the log check and
@@ -818,24 +819,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--client-cpus", help="CPU list for the bots, e.g. '0-3' or '4,5'"
     )
 
-    parser.add_argument(
-        "--students", type=int, default=1000, help="student bots (default: 1000)"
-    )
-    parser.add_argument(
-        "--teachers", type=int, default=10, help="teacher bots (default: 10)"
-    )
-    parser.add_argument(
-        "--per-teacher",
-        type=int,
-        default=5,
-        help="chats each teacher keeps open (default: 5)",
-    )
-    parser.add_argument(
-        "--messages",
-        type=int,
-        default=50,
-        help="messages each side sends in one chat (default: 50)",
-    )
+    runner.add_workload_arguments(parser)
     parser.add_argument(
         "--client-processes",
         type=int,

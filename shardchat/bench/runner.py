@@ -66,15 +66,8 @@ class BenchError(Exception):
     """The benchmark cannot go on because the server did not start or respond."""
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """Add the ``bench`` options to ``parser``."""
-    parser.add_argument(
-        "--workers",
-        type=int,
-        default=len(os.sched_getaffinity(0)),
-        help="worker processes of the server started here (default: usable cores, "
-        "%(default)s)",
-    )
+def add_workload_arguments(parser: argparse.ArgumentParser) -> None:
+    """Add the workload size options, shared with benchmarks/scaling.py."""
     parser.add_argument(
         "--students", type=int, default=1000, help="student bots (default: 1000)"
     )
@@ -93,6 +86,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=50,
         help="messages each side sends in one chat (default: 50)",
     )
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Add the ``bench`` options to ``parser``."""
+    parser.add_argument(
+        "--workers",
+        type=int,
+        default=len(os.sched_getaffinity(0)),
+        help="worker processes of the server started here (default: usable cores, "
+        "%(default)s)",
+    )
+    add_workload_arguments(parser)
 
     parser.add_argument(
         "--layout",
