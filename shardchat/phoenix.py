@@ -164,10 +164,13 @@ class Action(enum.Enum):
 class ChannelTable:
     """The channels joined on one connection, keyed by topic."""
 
-    __slots__ = ("joined",)
+    __slots__ = ("forwarded", "joined")
 
     def __init__(self) -> None:
         self.joined: dict[str, str | None] = {}
+        # Channels of this connection joined on other workers, which count
+        # towards the limit too.
+        self.forwarded = 0
 
     def classify(self, message: Message) -> Action:
         """Decide what ``message`` means under Phoenix's channel rules."""
@@ -175,7 +178,10 @@ class ChannelTable:
         event = message.event
         current = self.joined.get(topic, _UNJOINED)
         if event == JOIN:
-            if current is _UNJOINED and len(self.joined) >= MAX_CHANNELS:
+            if (
+                current is _UNJOINED
+                and len(self.joined) + self.forwarded >= MAX_CHANNELS
+            ):
                 return Action.TOO_MANY
             return Action.JOIN
         if topic == PHOENIX_TOPIC and event == HEARTBEAT:

@@ -8,7 +8,7 @@ import pytest
 import trio
 from phx import PhoenixClient, connect
 
-from shardchat import chatlog, placement
+from shardchat import chatlog, phoenix, placement
 from shardchat.exceptions import HandshakeError
 
 PRESENCE = "vsn=2.0.0&token={token}"
@@ -391,3 +391,49 @@ async def test_chat_rejoin_elsewhere_closes_old_channel(server):
         await open_chat(stack, server, chat)
         closed = await first.push_event(topic, "phx_close")
         assert closed.join_ref == first_ref
+
+
+async def test_channel_limit_counts_forwarded_chats(server_factory):
+    """The 100-channel limit holds for one socket whose chats live on several workers."""
+    from shardchat import tokens
+
+    server = server_factory(workers=3)
+    chats = [
+        (
+            f"limit{index}",
+            tokens.mint(
+                server.secret,
+                "t1",
+                "teacher",
+                chat=(f"limit{index}", "t1", f"s{index}"),
+            ),
+        )
+        for index in range(phoenix.MAX_CHANNELS)
+    ]
+    owners = {placement.place(chat_id, 3) for chat_id, _ in chats}
+    assert len(owners) == 3
+    async with AsyncExitStack() as stack:
+        teacher = await open_teacher(stack, server, "t1")
+        refs = {}
+        for chat_id, token in chats[:-1]:
+            refs[chat_id], reply = await teacher.client.join(
+                f"chats:{chat_id}", {"token": token}
+            )
+            assert reply.payload == {"status": "ok", "response": {}}, chat_id
+        last_id, last_token = chats[-1]
+        _, reply = await teacher.client.join(f"chats:{last_id}", {"token": last_token})
+        assert reply.payload == {
+            "status": "error",
+            "response": {"reason": "too many channels joined"},
+        }
+        # Leaving one forwarded chat makes room again.
+        holder = placement.place("t1", 3)
+        first_id = next(
+            chat_id for chat_id, _ in chats if placement.place(chat_id, 3) != holder
+        )
+        topic = f"chats:{first_id}"
+        leave = await teacher.client.request(refs[first_id], topic, "phx_leave")
+        assert leave.payload["status"] == "ok"
+        await teacher.client.push_event(topic, "phx_close")
+        _, reply = await teacher.client.join(f"chats:{last_id}", {"token": last_token})
+        assert reply.payload == {"status": "ok", "response": {}}

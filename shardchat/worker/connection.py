@@ -46,6 +46,8 @@ class ClientConnection:
         "chat_channels",
         "topic_owners",
         "proxied_to",
+        "forwarded_topics",
+        "on_topic_closed",
         "last_seen",
         "frames_received",
         "frames_sent",
@@ -73,6 +75,11 @@ class ClientConnection:
         # A tuple: most connections never forward, and an empty set costs
         # 216 bytes of every connection's memory.
         self.proxied_to: tuple[int, ...] = ()
+        # Chat topics of this connection joined on other workers, made on
+        # demand, and on a proxy the callback that tells the holding worker
+        # when one of them closes.
+        self.forwarded_topics: set[str] | None = None
+        self.on_topic_closed: Any = None
         self.last_seen = trio.current_time()
         self.frames_received = 0
         self.frames_sent = 0
@@ -136,7 +143,8 @@ class ClientConnection:
         if entry is None and message.topic.startswith(CHAT_TOPIC_PREFIX):
             owner = self.owner_of(message.topic)
             if owner != self.worker.slot:
-                self.worker.forward(self, owner, message)
+                if self.count_forwarded(message):
+                    self.worker.forward(self, owner, message)
                 return
         action = self.channels.classify(message)
         if action is Action.EVENT:
@@ -157,6 +165,31 @@ class ClientConnection:
             self.reply_error(message, "too many channels joined")
         # Action.STALE: Phoenix ignores frames of an earlier channel.
 
+    def count_forwarded(self, message: Message) -> bool:
+        """Keep the channel limit across workers; return False if the frame is refused."""
+        topics = self.forwarded_topics
+        if topics is None:
+            topics = self.forwarded_topics = set()
+        if message.event == phoenix.JOIN and message.topic not in topics:
+            if len(self.channels.joined) + len(topics) >= phoenix.MAX_CHANNELS:
+                self.reply_error(message, "too many channels joined")
+                return False
+            topics.add(message.topic)
+        elif message.event == phoenix.LEAVE:
+            topics.discard(message.topic)
+        self.channels.forwarded = len(topics)
+        return True
+
+    def forwarded_topic_closed(self, topic: str) -> None:
+        """Forget a forwarded channel that the chat's worker closed or refused."""
+        if self.forwarded_topics:
+            self.forwarded_topics.discard(topic)
+            self.channels.forwarded = len(self.forwarded_topics)
+
+    def topic_closed(self, topic: str) -> None:
+        if self.on_topic_closed is not None:
+            self.on_topic_closed(topic)
+
     def owner_of(self, topic: str) -> int:
         """Return the slot that owns a chat topic (cached per connection)."""
         owner = self.topic_owners.get(topic)
@@ -172,7 +205,7 @@ class ClientConnection:
         previous = self.channels.previous_join_ref(topic)
         if previous is not phoenix.UNJOINED:
             # A second join closes the first channel (Phoenix behaviour).
-            self.release(topic, reason_suffix="left")
+            self.release(topic, reason_suffix="left", notify=False)
             self.send_message(phoenix.close(topic, previous))
         if topic == TEACHERS_TOPIC:
             self.join_teachers(message)
@@ -182,6 +215,8 @@ class ClientConnection:
             self.join_chat(message)
         else:
             self.reply_error(message, "unmatched topic")
+        if topic not in self.channels.joined:
+            self.topic_closed(topic)
 
     def adopt_join_identity(self, payload: Any) -> None:
         """Take the user id and role from a join payload (development mode only).
@@ -343,10 +378,13 @@ class ClientConnection:
         self.channels.remove(topic)
         self.chat_channels.pop(topic, None)
         self.send_message(phoenix.close(topic, join_ref))
+        self.topic_closed(topic)
 
-    def release(self, topic: str, reason_suffix: str) -> None:
+    def release(self, topic: str, reason_suffix: str, notify: bool = True) -> None:
         """Forget a channel; a chat whose participant leaves mid-chat ends."""
         self.channels.remove(topic)
+        if notify:
+            self.topic_closed(topic)
         entry = self.chat_channels.pop(topic, None)
         if entry is not None:
             chat, role = entry

@@ -14,7 +14,10 @@ Messages on a peer link (msgpack maps, see ``shardchat.ipc``):
 - ``proxy_open {conn, identity, vsn}``: first forwarded frame of a connection;
 - ``proxy_in {conn, message}``: a client frame as ``[join_ref, ref, topic, event, payload]``;
 - ``proxy_out {conn, text}``: an encoded frame for the client;
-- ``proxy_close {conn}``: the client connection closed.
+- ``proxy_close {conn}``: the client connection closed;
+- ``proxy_topic_closed {conn, topic}``: the chat's worker closed or refused a
+  forwarded channel, so the holding worker stops counting it against the
+  100-channel limit.
 """
 
 from __future__ import annotations
@@ -45,6 +48,13 @@ class ProxyWebSocket:
         if self.closed or self.link.closed:
             raise ConnectionClosed(CloseCode.GOING_AWAY, "peer link closed")
         self.link.send({"op": "proxy_out", "conn": self.connection_id, "text": text})
+
+    def topic_closed(self, topic: str) -> None:
+        """Tell the holding worker that a forwarded channel closed or was refused."""
+        if not self.link.closed:
+            self.link.send(
+                {"op": "proxy_topic_closed", "conn": self.connection_id, "topic": topic}
+            )
 
     async def receive(self) -> str:
         raise RuntimeError("a proxied connection receives frames from its link")

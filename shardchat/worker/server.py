@@ -272,13 +272,20 @@ class Worker:
         elif op == "proxy_open":
             key = (slot, message["conn"])
             identity = tokens.Identity(*message["identity"])
-            self.proxies[key] = ClientConnection(
+            websocket_proxy = ProxyWebSocket(link, message["conn"])
+            proxy = ClientConnection(
                 self,
-                ProxyWebSocket(link, message["conn"]),
+                websocket_proxy,
                 identity,
                 phoenix.CODECS[message["vsn"]],
                 message["conn"],
             )
+            proxy.on_topic_closed = websocket_proxy.topic_closed
+            self.proxies[key] = proxy
+        elif op == "proxy_topic_closed":
+            connection = self.connections_by_id.get(message["conn"])
+            if connection is not None:
+                connection.forwarded_topic_closed(message["topic"])
         elif op == "proxy_close":
             proxy = self.proxies.pop((slot, message["conn"]), None)
             if proxy is not None:
