@@ -2,10 +2,10 @@
 
 python := ".venv/bin/python"
 
-# Create the virtual environment and install shardchat with its test and benchmark extras.
+# Create the virtual environment and install shardchat with its test, benchmark and dev extras.
 install:
     python3 -m venv .venv
-    {{python}} -m pip install -e '.[test,bench]'
+    {{python}} -m pip install -e '.[test,bench,dev]'
 
 # Run the test suite.
 test *args:
