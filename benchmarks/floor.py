@@ -91,6 +91,25 @@ def parse_cpu_list(text: str) -> set[int]:
     return cpus
 
 
+def check_cpu_list(
+    parser: argparse.ArgumentParser, option: str, text: str | None
+) -> set[int] | None:
+    """Parse a CPU list option and check its CPUs are usable; exit with the error if not."""
+    if text is None:
+        return None
+    usable = os.sched_getaffinity(0)
+    try:
+        cpus = parse_cpu_list(text)
+    except ValueError as exc:
+        parser.error(str(exc))
+    if not cpus <= usable:
+        parser.error(
+            f"invalid {option} {text}: CPUs {sorted(cpus - usable)} are not "
+            f"usable here, usable: {sorted(usable)}"
+        )
+    return cpus
+
+
 def raise_fd_limit(needed: int) -> int:
     """Raise this process's soft RLIMIT_NOFILE towards needed; return the new limit.
 
@@ -580,20 +599,8 @@ def check_arguments(parser: argparse.ArgumentParser, args: argparse.Namespace) -
     # so a smaller size would make messages longer than requested.
     if args.message_bytes < len(f"q{args.messages} chat {args.pairs}"):
         parser.error(f"invalid --message-bytes {args.message_bytes}: too small")
-    usable = os.sched_getaffinity(0)
     for name in ("server_cpus", "client_cpus"):
-        text = getattr(args, name)
-        if text is None:
-            continue
-        try:
-            cpus = parse_cpu_list(text)
-        except ValueError as exc:
-            parser.error(str(exc))
-        if not cpus <= usable:
-            parser.error(
-                f"invalid --{name.replace('_', '-')} {text}: CPUs "
-                f"{sorted(cpus - usable)} are not usable here, usable: {sorted(usable)}"
-            )
+        check_cpu_list(parser, f"--{name.replace('_', '-')}", getattr(args, name))
 
 
 def main(argv: list[str] | None = None) -> int:

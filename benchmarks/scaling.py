@@ -32,7 +32,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from floor import parse_cpu_list
+from floor import check_cpu_list
 
 from shardchat.bench import runner
 from shardchat.websocket import ENGINES
@@ -138,18 +138,9 @@ def plan_pinning(
         ("--server-cpus", server_cpus),
         ("--client-cpus", client_cpus),
     ):
-        if text is None:
-            continue
-        try:
-            cpus = parse_cpu_list(text)
-        except ValueError as exc:
-            parser.error(str(exc))
-        if not cpus <= usable:
-            parser.error(
-                f"invalid {option} {text}: CPUs {sorted(cpus - usable)} are not "
-                f"usable here, usable: {sorted(usable)}"
-            )
-        chosen[option] = cpus
+        cpus = check_cpu_list(parser, option, text)
+        if cpus is not None:
+            chosen[option] = cpus
 
     if bench_has_pinning_options():
         options: list[str] = []

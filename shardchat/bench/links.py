@@ -160,10 +160,14 @@ class Link:
         if self.pending:
             return self.pending.popleft()
         while True:
-            frame = decode_v2(await self.connection.receive())
-            self.tally.frames_received += 1
+            frame = await self._next_frame()
             if frame.topic != PHOENIX_TOPIC:
                 return frame
+
+    async def _next_frame(self) -> Message:
+        frame = decode_v2(await self.connection.receive())
+        self.tally.frames_received += 1
+        return frame
 
     async def request(self, topic: str, event: str, payload: Any) -> dict[str, Any]:
         """Push a frame and wait for its reply; return the reply's response.
@@ -176,15 +180,7 @@ class Link:
             ConnectionClosed: the connection closed first.
         """
         ref = self.push(topic, event, payload)
-        with trio.move_on_after(REPLY_TIMEOUT_S):
-            while True:
-                frame = decode_v2(await self.connection.receive())
-                self.tally.frames_received += 1
-                if frame.event == REPLY and frame.ref == ref:
-                    return reply_response(frame, event)
-                if frame.topic != PHOENIX_TOPIC:
-                    self.pending.append(frame)
-        raise BotError(f"no reply to {event} on {topic} within {REPLY_TIMEOUT_S:.0f} s")
+        return await await_reply(self._next_frame, self.pending, ref, topic, event)
 
     async def join(self, topic: str) -> dict[str, Any]:
         return await self.request(topic, JOIN, {})
@@ -335,13 +331,7 @@ class TopicLink:
             ConnectionClosed: the socket closed first.
         """
         ref = self.push(topic, event, payload)
-        with trio.move_on_after(REPLY_TIMEOUT_S):
-            while True:
-                frame = await self._next_frame()
-                if frame.event == REPLY and frame.ref == ref:
-                    return reply_response(frame, event)
-                self.pending.append(frame)
-        raise BotError(f"no reply to {event} on {topic} within {REPLY_TIMEOUT_S:.0f} s")
+        return await await_reply(self._next_frame, self.pending, ref, topic, event)
 
     async def _next_frame(self) -> Message:
         try:
@@ -366,6 +356,31 @@ class TopicLink:
         if self.join_ref is not None and not self.ended:
             with contextlib.suppress(ConnectionClosed):
                 self.push(self.topic, LEAVE, {})
+
+
+async def await_reply(
+    next_frame: Any,
+    pending: collections.deque[Message],
+    ref: str,
+    topic: str,
+    event: str,
+) -> dict[str, Any]:
+    """Read frames until the reply to ``ref``; keep the others for ``receive``.
+
+    Heartbeat replies (topic ``phoenix``) are dropped.
+
+    Raises:
+        Rejected: the reply has status error.
+        BotError: no reply within REPLY_TIMEOUT_S.
+    """
+    with trio.move_on_after(REPLY_TIMEOUT_S):
+        while True:
+            frame = await next_frame()
+            if frame.event == REPLY and frame.ref == ref:
+                return reply_response(frame, event)
+            if frame.topic != PHOENIX_TOPIC:
+                pending.append(frame)
+    raise BotError(f"no reply to {event} on {topic} within {REPLY_TIMEOUT_S:.0f} s")
 
 
 def reply_response(frame: Message, event: str) -> dict[str, Any]:
