@@ -27,8 +27,8 @@ FLUSH_ROWS = 5000
 # Messages refer to their chat by the chat row's integer key, because an index
 # on (integer, integer) costs about 2.8 us per inserted row. One on the
 # 16-character chat id costs about 6.8 us, and a WITHOUT ROWID table keyed on
-# the chat id about 13 us (sqlite3 of Python 3.11, batches of 500 rows, 1000
-# interleaved chats, on the 2-core machine the benchmarks run on).
+# the chat id about 13 us. Measured with the sqlite3 module of Python 3.11 in
+# batches of 500 rows from 1000 interleaved chats, on a 2-core VM.
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS chats (
     key INTEGER PRIMARY KEY,

@@ -28,7 +28,7 @@ class HandshakeError(ShardchatError):
     """An HTTP request head cannot be accepted.
 
     Attributes:
-        status: the HTTP status code to answer with.
+        status: the HTTP status code of the response.
     """
 
     def __init__(self, status: int, message: str) -> None:

@@ -149,7 +149,7 @@ def close(topic: str, join_ref: str | None) -> Message:
 
 
 class Action(enum.Enum):
-    """What the worker must do with an incoming frame."""
+    """The worker's next step for an incoming frame."""
 
     HEARTBEAT = "heartbeat"  # reply ok with an empty response
     JOIN = "join"  # authorize, then accept_join() or reply an error

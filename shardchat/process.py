@@ -1,4 +1,4 @@
-"""What every shardchat child process does at start: logging, signals, parent watch."""
+"""Start-up of every shardchat child process: logging, signals, parent watch."""
 
 from __future__ import annotations
 

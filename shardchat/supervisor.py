@@ -1,13 +1,13 @@
 """The supervisor: the ``shardchat serve`` process.
 
 Shaped like a classic arbiter. It opens the listening socket and the Unix
-socket pairs that connect the children, spawns the matchmaker, the workers
-and the router as fresh interpreters (a trio process is never forked), and
-then only waits: signal handlers record the signal, the main loop reaps
+socket pairs that connect the children. It spawns the matchmaker, the workers
+and the router as fresh interpreters, because a trio process is never forked.
+Then it only waits: signal handlers record the signal, and the main loop reaps
 children and stops everything in order. A child that dies unexpectedly is
 logged and the whole server stops with ``EXIT_CHILD_DIED``, so a service
-manager restarts it cleanly; no child is left behind, because each child
-also receives SIGTERM if the supervisor itself dies.
+manager restarts it cleanly. No child is left behind, because each child also
+receives SIGTERM if the supervisor itself dies.
 """
 
 from __future__ import annotations
@@ -48,7 +48,7 @@ class Child:
 
 @dataclass
 class Options:
-    """What ``shardchat serve`` was asked to run."""
+    """The settings of one ``shardchat serve`` run."""
 
     workers: int
     host: str

@@ -5,8 +5,8 @@ Run as ``python -m shardchat.bench.bots --role student --first 0 --count 500
 The bots mint their own tokens from the server's secret.
 
 A student joins its presence topic, enters the queue and waits for
-``new:chat``; in the chat it replies to every teacher message and leaves once the
-teacher ends the chat. A teacher keeps up to ``--per-teacher`` chats open,
+``new:chat``. In the chat it replies to every teacher message, and it leaves once
+the teacher ends the chat. A teacher keeps up to ``--per-teacher`` chats open,
 claiming the next waiting student whenever a chat ends, and plays
 ``--messages`` rounds of ping-pong in each chat. A teacher process runs until
 its standard input reaches end of file, which the runner arranges once every

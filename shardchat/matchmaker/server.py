@@ -52,7 +52,12 @@ class MatchmakerServer:
             if op == "hello":
                 slot = message["slot"]
                 if slot != expected_slot:
-                    log.error("worker link %d says it is slot %d", expected_slot, slot)
+                    log.error(
+                        "worker link %d reported slot %d; using %d",
+                        expected_slot,
+                        slot,
+                        expected_slot,
+                    )
                 self.workers[expected_slot] = link
                 log.info("worker slot %d connected", expected_slot)
             else:
@@ -140,7 +145,7 @@ class MatchmakerServer:
     def assign(self, source: int, effect: core.ChatAssigned) -> None:
         chat = effect.chat
         ids = (chat.id, chat.teacher_id, chat.student_id)
-        # The chat's worker hears of the chat first, so it usually knows the
+        # The chat's worker hears of the chat first, so it usually has the
         # chat before a participant's join arrives; tokens cover the rest.
         self.send(
             chat.worker,

@@ -74,7 +74,7 @@ export function setConnection(state, label) {
   badge.textContent = label
 }
 
-/** Build the notice text that says how to get a token for `role`. */
+/** Build the notice text that explains how to get a token for `role`. */
 export function tokenHint(role) {
   const page = role === "teacher" ? "/teacher" : "/student"
   return [

@@ -76,7 +76,7 @@ class ClientConnection:
         # 216 bytes of every connection's memory.
         self.proxied_to: tuple[int, ...] = ()
         # Chat topics of this connection joined on other workers, made on
-        # demand, and on a proxy the callback that tells the holding worker
+        # demand, and on a proxy the callback that notifies the holding worker
         # when one of them closes.
         self.forwarded_topics: set[str] | None = None
         self.on_topic_closed: Any = None

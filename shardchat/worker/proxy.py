@@ -2,7 +2,7 @@
 
 A client may join its presence topic and any number of ``chats:*`` topics on
 one socket, wherever the router placed it. When a chat belongs to another
-worker, the worker that holds the socket forwards the client's frames for
+worker, the worker with the socket forwards the client's frames for
 that topic, already decoded, to the chat's worker over their peer link. There
 a ``ClientConnection`` whose websocket is a ``ProxyWebSocket`` handles them
 with the same code as a local connection; its output frames travel back over
